@@ -1,0 +1,20 @@
+//! The payrail domain: money, identifiers, the payment state machine, request signing and the
+//! validated inputs of the merchant API.
+//!
+//! This crate does no I/O: no clock, no randomness, no network, no database. Time and random bytes
+//! are passed in by the caller, so every rule here is deterministic and unit-testable.
+#![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
+
+pub mod channel;
+pub mod id;
+pub mod input;
+pub mod money;
+pub mod payment;
+pub mod secret;
+pub mod signing;
+
+pub use channel::ChannelOutcome;
+pub use id::{AppId, AttemptId, EventId, Id, IdKind, JobId, MerchantId, PaymentId};
+pub use money::{Currency, Money, MoneyError};
+pub use payment::{AttemptStatus, PaymentStatus, TransitionError};
+pub use secret::Secret;
