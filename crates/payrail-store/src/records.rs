@@ -1,0 +1,224 @@
+//! Rows as the store reads and writes them. Amounts are integer minor units; times are Unix
+//! milliseconds.
+
+use payrail_domain::{AppId, AttemptId, AttemptStatus, MerchantId, PaymentId, PaymentStatus};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MerchantStatus {
+    Active,
+    Frozen,
+}
+
+impl MerchantStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MerchantStatus::Active => "active",
+            MerchantStatus::Frozen => "frozen",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(MerchantStatus::Active),
+            "frozen" => Some(MerchantStatus::Frozen),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MerchantRecord {
+    pub id: MerchantId,
+    pub name: String,
+    pub status: MerchantStatus,
+    pub version: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// An app of a merchant. `secret_ciphertext` is the AEAD-encrypted signing secret; the store
+/// never sees it in the clear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRecord {
+    pub id: AppId,
+    pub merchant_id: MerchantId,
+    pub name: String,
+    pub key_id: String,
+    pub secret_ciphertext: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonceClaim {
+    pub key_id: String,
+    pub nonce: String,
+    pub expires_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    /// Whose key space: a merchant id, or `operator`.
+    pub scope: String,
+    pub key: String,
+    /// SHA-256 over method, path and body: the same key with another request is an error.
+    pub request_hash: String,
+    pub now_ms: i64,
+    /// An in-progress claim older than this is taken over (its request died mid-way).
+    pub stale_after_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Admission {
+    pub now_ms: i64,
+    pub nonce: Option<NonceClaim>,
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyState {
+    /// First use (or takeover of a stale claim): go ahead, then complete or release it.
+    New,
+    /// Completed before with the same request: send this response again.
+    Replay { status: u16, body: String },
+    /// Same key, different request.
+    Mismatch,
+    /// Same key, same request, still running elsewhere.
+    InProgress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmissionOutcome {
+    NonceReused,
+    Admitted(Option<IdempotencyState>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRecord {
+    pub id: PaymentId,
+    pub merchant_id: MerchantId,
+    pub app_id: AppId,
+    pub out_trade_no: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub subject: String,
+    pub method: String,
+    pub channel: String,
+    pub status: PaymentStatus,
+    pub version: i64,
+    pub notify_url: Option<String>,
+    /// JSON object of string values.
+    pub metadata: String,
+    pub channel_trade_no: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    /// The idempotency key and request hash that created it: a retry of that very request
+    /// after a crash finds its payment instead of a duplicate-order error.
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub expires_at_ms: i64,
+    pub paid_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub id: AttemptId,
+    pub payment_id: PaymentId,
+    pub merchant_id: MerchantId,
+    pub channel: String,
+    pub status: AttemptStatus,
+    pub version: i64,
+    pub channel_trade_no: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub kind: String,
+    pub subject_id: String,
+    pub run_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPayment {
+    pub payment: PaymentRecord,
+    pub attempt: AttemptRecord,
+    pub job: Option<NewJob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreatePaymentOutcome {
+    Created,
+    /// `(merchant, out_trade_no)` exists already; here it is.
+    DuplicateOutTradeNo(Box<PaymentRecord>),
+}
+
+/// A domain event for the transactional outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: String,
+    pub merchant_id: MerchantId,
+    pub event_type: String,
+    pub object_id: String,
+    /// JSON.
+    pub payload: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Position in the outbox; strictly increasing in commit order per backend.
+    pub seq: i64,
+    pub id: String,
+    pub merchant_id: MerchantId,
+    pub event_type: String,
+    pub object_id: String,
+    pub payload: String,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobUpdate {
+    /// Create the job, or move an existing one to `run_at_ms`.
+    Schedule { kind: String, subject_id: String, run_at_ms: i64, last_error: Option<String> },
+    Delete { kind: String, subject_id: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub kind: String,
+    pub subject_id: String,
+    pub run_at_ms: i64,
+    /// How many times it has been leased, including this lease.
+    pub attempts: i64,
+    pub created_at_ms: i64,
+}
+
+/// A guarded status change of one attempt and its payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub payment_id: PaymentId,
+    pub payment_version: i64,
+    pub payment_status: PaymentStatus,
+    pub attempt_id: AttemptId,
+    pub attempt_version: i64,
+    pub attempt_status: AttemptStatus,
+    pub channel_trade_no: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    pub paid_at_ms: Option<i64>,
+    pub now_ms: i64,
+    pub event: Option<NewEvent>,
+    pub job: Option<JobUpdate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRecord {
+    pub kind: String,
+    pub subject_id: String,
+    pub detail: String,
+    pub created_at_ms: i64,
+}

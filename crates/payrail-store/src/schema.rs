@@ -1,0 +1,128 @@
+//! The schema, as numbered migrations shared by both backends. `{serial}` becomes the backend's
+//! auto-incrementing key type. A migration, once released, is never edited: add a new one.
+
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "payments foundation",
+    sql: r#"
+CREATE TABLE settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE merchants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'frozen')),
+    version BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE TABLE apps (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL REFERENCES merchants(id),
+    name TEXT NOT NULL,
+    key_id TEXT NOT NULL UNIQUE,
+    secret_ciphertext TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+CREATE INDEX apps_by_merchant ON apps (merchant_id, id);
+CREATE TABLE payments (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    out_trade_no TEXT NOT NULL,
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    subject TEXT NOT NULL,
+    method TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('created', 'processing', 'succeeded', 'failed', 'closed', 'cancelled')),
+    version BIGINT NOT NULL,
+    notify_url TEXT,
+    metadata TEXT NOT NULL,
+    channel_trade_no TEXT,
+    failure_code TEXT,
+    failure_message TEXT,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    expires_at_ms BIGINT NOT NULL,
+    paid_at_ms BIGINT,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    UNIQUE (merchant_id, out_trade_no)
+);
+CREATE INDEX payments_by_merchant ON payments (merchant_id, id);
+CREATE TABLE payment_attempts (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    merchant_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'processing', 'succeeded', 'failed', 'closed', 'cancelled')),
+    version BIGINT NOT NULL,
+    channel_trade_no TEXT,
+    failure_code TEXT,
+    failure_message TEXT,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE INDEX attempts_by_payment ON payment_attempts (payment_id);
+-- Invariant 3: at most one successful attempt per payment, enforced by the database too.
+CREATE UNIQUE INDEX attempts_one_success ON payment_attempts (payment_id) WHERE status = 'succeeded';
+CREATE TABLE idempotency_keys (
+    scope TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('in_progress', 'completed')),
+    response_status BIGINT,
+    response_body TEXT,
+    locked_at_ms BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (scope, idem_key)
+);
+CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at_ms);
+CREATE TABLE request_nonces (
+    key_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (key_id, nonce)
+);
+CREATE INDEX request_nonces_by_expiry ON request_nonces (expires_at_ms);
+CREATE TABLE jobs (
+    kind TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    run_at_ms BIGINT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (kind, subject_id)
+);
+CREATE INDEX jobs_due ON jobs (kind, run_at_ms);
+CREATE TABLE outbox (
+    seq {serial},
+    id TEXT NOT NULL UNIQUE,
+    merchant_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    object_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    published_at_ms BIGINT
+);
+CREATE INDEX outbox_by_merchant ON outbox (merchant_id, seq);
+CREATE TABLE alerts (
+    seq {serial},
+    kind TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+"#,
+}];
+
+pub const SQLITE_SERIAL: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
+pub const PG_SERIAL: &str = "BIGSERIAL PRIMARY KEY";

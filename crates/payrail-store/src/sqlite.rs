@@ -1,0 +1,816 @@
+//! The embedded SQLite store.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a commit is on disk before its caller hears back.
+//! Throughput: all writes go to one writer thread, which runs every write waiting in its queue
+//! inside one transaction (each in its own savepoint, so one failing write does not undo the
+//! others) and answers them only after the single COMMIT — group commit. Under load a batch
+//! forms while the previous commit's fsync runs, so no artificial delay is needed.
+//! Reads run on a small pool of read-only connections; WAL lets them proceed during writes.
+
+use crate::schema::{MIGRATIONS, SQLITE_SERIAL};
+use crate::*;
+use payrail_domain::{AttemptId, AttemptStatus, PaymentStatus};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most writes one transaction takes; bounds commit latency under overload.
+const WRITE_BATCH_MAX: usize = 512;
+/// Writes that may wait for the writer thread; senders wait (backpressure) beyond this.
+const WRITE_QUEUE_MAX: usize = 8192;
+/// Idle read connections kept open.
+const READERS_MAX: usize = 8;
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type WriteJob = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<WriteJob>,
+    readers: Arc<Readers>,
+}
+
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(db_err)?;
+    // WAL + FULL: every commit is fsynced; an acknowledged write survives power loss.
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies migrations.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = open_connection(path)?;
+        let mode: String =
+            conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).map_err(db_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Config(format!("SQLite refused WAL mode (got {mode})")));
+        }
+        migrate(&conn)?;
+        let (tx, rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE_MAX);
+        std::thread::Builder::new()
+            .name("payrail-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore {
+            writer: tx,
+            readers: Arc::new(Readers { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }),
+        })
+    }
+
+    /// Runs `f` in the shared write transaction; returns after the commit is durable.
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.write_or_rollback(move |c| f(c).map(|v| (v, true))).await
+    }
+
+    /// Like [`Self::write`], but `f` may ask (with `false`) for its own changes to be undone
+    /// while still returning a value.
+    async fn write_or_rollback<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(R, bool)> + Send + 'static,
+    ) -> Result<R> {
+        let (otx, orx) = oneshot::channel::<Result<R>>();
+        let job: WriteJob = Box::new(move |conn| {
+            let res = run_in_savepoint(conn, f);
+            Box::new(move |commit: Result<(), String>| {
+                let out = match commit {
+                    Ok(()) => res,
+                    Err(e) => Err(StoreError::Database(e)),
+                };
+                let _ = otx.send(out);
+            })
+        });
+        self.writer.send(job).await.map_err(|_| StoreError::Closed)?;
+        orx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.take()?;
+            let out = f(&conn);
+            readers.give(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+}
+
+impl Readers {
+    fn take(&self) -> Result<Connection> {
+        let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+        match pooled {
+            Some(c) => Ok(c),
+            None => {
+                let c = open_connection(&self.path)?;
+                c.pragma_update(None, "query_only", "ON").map_err(db_err)?;
+                Ok(c)
+            }
+        }
+    }
+
+    fn give(&self, conn: Connection) {
+        if let Ok(mut v) = self.idle.lock() {
+            if v.len() < READERS_MAX {
+                v.push(conn);
+            }
+        }
+    }
+}
+
+fn run_in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<(R, bool)>,
+) -> Result<R> {
+    conn.execute_batch("SAVEPOINT op").map_err(db_err)?;
+    match f(conn) {
+        Ok((v, true)) => {
+            conn.execute_batch("RELEASE op").map_err(db_err)?;
+            Ok(v)
+        }
+        Ok((v, false)) => {
+            conn.execute_batch("ROLLBACK TO op; RELEASE op").map_err(db_err)?;
+            Ok(v)
+        }
+        Err(e) => {
+            // Undo this write only; the others in the batch still commit.
+            let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
+    let mut replies: Vec<Reply> = Vec::with_capacity(WRITE_BATCH_MAX);
+    while let Some(first) = rx.blocking_recv() {
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "sqlite: cannot begin transaction");
+            first(&conn)(Err(msg));
+            continue;
+        }
+        replies.push(first(&conn));
+        while replies.len() < WRITE_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(job) => replies.push(job(&conn)),
+                Err(_) => break,
+            }
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, batch = replies.len(), "sqlite: commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies.drain(..) {
+            reply(commit.clone());
+        }
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
+    )
+    .map_err(db_err)?;
+    let current: i64 = conn
+        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+        .map_err(db_err)?;
+    let latest = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);
+    if current > latest {
+        return Err(StoreError::Config(format!(
+            "database schema version {current} is newer than this binary supports ({latest}); upgrade payrail"
+        )));
+    }
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let sql = m.sql.replace("{serial}", SQLITE_SERIAL);
+        let tx = conn.unchecked_transaction().map_err(db_err)?;
+        tx.execute_batch(&sql).map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?1, ?2, ?3)",
+            params![m.version, m.name, now_ms()],
+        )
+        .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(version = m.version, name = m.name, "sqlite: migration applied");
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+// --- row mapping ---------------------------------------------------------------------------
+
+fn parse_id<T: std::str::FromStr>(s: String) -> rusqlite::Result<T> {
+    s.parse().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("bad id {s}").into())
+    })
+}
+
+fn conv_err(msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, msg.into())
+}
+
+const MERCHANT_COLS: &str = "id, name, status, version, created_at_ms, updated_at_ms";
+
+fn merchant_row(r: &Row<'_>) -> rusqlite::Result<MerchantRecord> {
+    let status: String = r.get(2)?;
+    Ok(MerchantRecord {
+        id: parse_id(r.get(0)?)?,
+        name: r.get(1)?,
+        status: MerchantStatus::parse(&status).ok_or_else(|| conv_err(status))?,
+        version: r.get(3)?,
+        created_at_ms: r.get(4)?,
+        updated_at_ms: r.get(5)?,
+    })
+}
+
+const APP_COLS: &str = "id, merchant_id, name, key_id, secret_ciphertext, created_at_ms";
+
+fn app_row(r: &Row<'_>) -> rusqlite::Result<AppRecord> {
+    Ok(AppRecord {
+        id: parse_id(r.get(0)?)?,
+        merchant_id: parse_id(r.get(1)?)?,
+        name: r.get(2)?,
+        key_id: r.get(3)?,
+        secret_ciphertext: r.get(4)?,
+        created_at_ms: r.get(5)?,
+    })
+}
+
+pub(crate) const PAYMENT_COLS: &str = "id, merchant_id, app_id, out_trade_no, amount_minor, currency, subject, method, channel, status, version, notify_url, metadata, channel_trade_no, failure_code, failure_message, idempotency_key, request_hash, expires_at_ms, paid_at_ms, created_at_ms, updated_at_ms";
+
+fn payment_row(r: &Row<'_>) -> rusqlite::Result<PaymentRecord> {
+    let status: String = r.get(9)?;
+    Ok(PaymentRecord {
+        id: parse_id(r.get(0)?)?,
+        merchant_id: parse_id(r.get(1)?)?,
+        app_id: parse_id(r.get(2)?)?,
+        out_trade_no: r.get(3)?,
+        amount_minor: r.get(4)?,
+        currency: r.get(5)?,
+        subject: r.get(6)?,
+        method: r.get(7)?,
+        channel: r.get(8)?,
+        status: PaymentStatus::parse(&status).ok_or_else(|| conv_err(status))?,
+        version: r.get(10)?,
+        notify_url: r.get(11)?,
+        metadata: r.get(12)?,
+        channel_trade_no: r.get(13)?,
+        failure_code: r.get(14)?,
+        failure_message: r.get(15)?,
+        idempotency_key: r.get(16)?,
+        request_hash: r.get(17)?,
+        expires_at_ms: r.get(18)?,
+        paid_at_ms: r.get(19)?,
+        created_at_ms: r.get(20)?,
+        updated_at_ms: r.get(21)?,
+    })
+}
+
+pub(crate) const ATTEMPT_COLS: &str = "id, payment_id, merchant_id, channel, status, version, channel_trade_no, failure_code, failure_message, created_at_ms, updated_at_ms";
+
+fn attempt_row(r: &Row<'_>) -> rusqlite::Result<AttemptRecord> {
+    let status: String = r.get(4)?;
+    Ok(AttemptRecord {
+        id: parse_id::<AttemptId>(r.get(0)?)?,
+        payment_id: parse_id(r.get(1)?)?,
+        merchant_id: parse_id(r.get(2)?)?,
+        channel: r.get(3)?,
+        status: AttemptStatus::parse(&status).ok_or_else(|| conv_err(status))?,
+        version: r.get(5)?,
+        channel_trade_no: r.get(6)?,
+        failure_code: r.get(7)?,
+        failure_message: r.get(8)?,
+        created_at_ms: r.get(9)?,
+        updated_at_ms: r.get(10)?,
+    })
+}
+
+fn job_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    Ok(JobRecord {
+        kind: r.get(0)?,
+        subject_id: r.get(1)?,
+        run_at_ms: r.get(2)?,
+        attempts: r.get(3)?,
+        created_at_ms: r.get(4)?,
+    })
+}
+
+fn event_row(r: &Row<'_>) -> rusqlite::Result<EventRecord> {
+    Ok(EventRecord {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        merchant_id: parse_id(r.get(2)?)?,
+        event_type: r.get(3)?,
+        object_id: r.get(4)?,
+        payload: r.get(5)?,
+        created_at_ms: r.get(6)?,
+    })
+}
+
+fn insert_event(c: &Connection, e: &NewEvent) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO outbox (id, merchant_id, event_type, object_id, payload, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![e.id, e.merchant_id.to_string(), e.event_type, e.object_id, e.payload, e.created_at_ms])
+    })
+    .map_err(db_err)?;
+    Ok(())
+}
+
+fn apply_job_update(c: &Connection, u: &JobUpdate) -> Result<()> {
+    match u {
+        JobUpdate::Schedule { kind, subject_id, run_at_ms, last_error } => c
+            .prepare_cached(
+                "INSERT INTO jobs (kind, subject_id, run_at_ms, attempts, last_error, created_at_ms) VALUES (?1, ?2, ?3, 0, ?4, ?3) \
+                 ON CONFLICT (kind, subject_id) DO UPDATE SET run_at_ms = excluded.run_at_ms, last_error = excluded.last_error",
+            )
+            .and_then(|mut s| s.execute(params![kind, subject_id, run_at_ms, last_error])),
+        JobUpdate::Delete { kind, subject_id } => c
+            .prepare_cached("DELETE FROM jobs WHERE kind = ?1 AND subject_id = ?2")
+            .and_then(|mut s| s.execute(params![kind, subject_id])),
+    }
+    .map_err(db_err)?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn get_setting(&self, name: &str) -> Result<Option<String>> {
+        let name = name.to_string();
+        self.read(move |c| {
+            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0))
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn put_setting_if_absent(&self, name: &str, value: &str) -> Result<String> {
+        let (name, value) = (name.to_string(), value.to_string());
+        self.write(move |c| {
+            c.execute("INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING", params![name, value])
+                .map_err(db_err)?;
+            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0)).map_err(db_err)
+        })
+        .await
+    }
+
+    async fn insert_merchant(&self, m: &MerchantRecord) -> Result<()> {
+        let m = m.clone();
+        self.write(move |c| {
+            c.execute(
+                &format!("INSERT INTO merchants ({MERCHANT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![m.id.to_string(), m.name, m.status.as_str(), m.version, m.created_at_ms, m.updated_at_ms],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_merchant(&self, id: MerchantId) -> Result<Option<MerchantRecord>> {
+        self.read(move |c| {
+            c.query_row(&format!("SELECT {MERCHANT_COLS} FROM merchants WHERE id = ?1"), [id.to_string()], merchant_row)
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_merchants(&self, limit: u32, starting_after: Option<MerchantId>) -> Result<Vec<MerchantRecord>> {
+        self.read(move |c| {
+            let after = starting_after.map(|i| i.to_string());
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {MERCHANT_COLS} FROM merchants WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2"
+                ))
+                .map_err(db_err)?;
+            let rows = s.query_map(params![after, limit], merchant_row).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn set_merchant_status(&self, id: MerchantId, status: MerchantStatus, now_ms: i64) -> Result<Option<MerchantRecord>> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE merchants SET status = ?1, version = version + 1, updated_at_ms = ?2 WHERE id = ?3 AND status <> ?1",
+                params![status.as_str(), now_ms, id.to_string()],
+            )
+            .map_err(db_err)?;
+            c.query_row(&format!("SELECT {MERCHANT_COLS} FROM merchants WHERE id = ?1"), [id.to_string()], merchant_row)
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn insert_app(&self, app: &AppRecord) -> Result<()> {
+        let a = app.clone();
+        self.write(move |c| {
+            c.execute(
+                &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![a.id.to_string(), a.merchant_id.to_string(), a.name, a.key_id, a.secret_ciphertext, a.created_at_ms],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_app_by_key_id(&self, key_id: &str) -> Result<Option<AppRecord>> {
+        let key_id = key_id.to_string();
+        self.read(move |c| {
+            c.query_row(&format!("SELECT {APP_COLS} FROM apps WHERE key_id = ?1"), [key_id], app_row)
+                .optional()
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_apps(&self, merchant_id: MerchantId) -> Result<Vec<AppRecord>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!("SELECT {APP_COLS} FROM apps WHERE merchant_id = ?1 ORDER BY id"))
+                .map_err(db_err)?;
+            let rows = s.query_map([merchant_id.to_string()], app_row).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn admit(&self, req: &Admission) -> Result<AdmissionOutcome> {
+        let req = req.clone();
+        self.write(move |c| {
+            if let Some(n) = &req.nonce {
+                let claimed = c
+                    .prepare_cached(
+                        "INSERT INTO request_nonces (key_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (key_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
+                         WHERE request_nonces.expires_at_ms < ?4",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![n.key_id, n.nonce, n.expires_at_ms, req.now_ms])
+                    })
+                    .map_err(db_err)?;
+                if claimed == 0 {
+                    return Ok(AdmissionOutcome::NonceReused);
+                }
+            }
+            let Some(k) = &req.idempotency else {
+                return Ok(AdmissionOutcome::Admitted(None));
+            };
+            let inserted = c
+                .prepare_cached(
+                    "INSERT INTO idempotency_keys (scope, idem_key, request_hash, state, locked_at_ms, created_at_ms) \
+                     VALUES (?1, ?2, ?3, 'in_progress', ?4, ?4) ON CONFLICT (scope, idem_key) DO NOTHING",
+                )
+                .and_then(|mut s| s.execute(params![k.scope, k.key, k.request_hash, k.now_ms]))
+                .map_err(db_err)?;
+            if inserted == 1 {
+                return Ok(AdmissionOutcome::Admitted(Some(IdempotencyState::New)));
+            }
+            let (hash, state, status, body, locked_at): (String, String, Option<i64>, Option<String>, i64) = c
+                .query_row(
+                    "SELECT request_hash, state, response_status, response_body, locked_at_ms FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2",
+                    params![k.scope, k.key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .map_err(db_err)?;
+            let outcome = idempotency_state(k, &hash, &state, status, body, locked_at);
+            if outcome == IdempotencyState::New {
+                c.execute(
+                    "UPDATE idempotency_keys SET locked_at_ms = ?1 WHERE scope = ?2 AND idem_key = ?3",
+                    params![k.now_ms, k.scope, k.key],
+                )
+                .map_err(db_err)?;
+            }
+            Ok(AdmissionOutcome::Admitted(Some(outcome)))
+        })
+        .await
+    }
+
+    async fn complete_idempotency(&self, scope: &str, key: &str, status: u16, body: &str, _now_ms: i64) -> Result<()> {
+        let (scope, key, body) = (scope.to_string(), key.to_string(), body.to_string());
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE idempotency_keys SET state = 'completed', response_status = ?1, response_body = ?2 WHERE scope = ?3 AND idem_key = ?4",
+            )
+            .and_then(|mut s| s.execute(params![status, body, scope, key]))
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()> {
+        let (scope, key) = (scope.to_string(), key.to_string());
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2 AND state = 'in_progress'",
+                params![scope, key],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_payment(&self, new: &NewPayment) -> Result<CreatePaymentOutcome> {
+        let new = new.clone();
+        self.write(move |c| {
+            let p = &new.payment;
+            let inserted = c
+                .prepare_cached(&format!(
+                    "INSERT INTO payments ({PAYMENT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22) \
+                     ON CONFLICT (merchant_id, out_trade_no) DO NOTHING"
+                ))
+                .and_then(|mut s| {
+                    s.execute(params![
+                        p.id.to_string(), p.merchant_id.to_string(), p.app_id.to_string(), p.out_trade_no, p.amount_minor,
+                        p.currency, p.subject, p.method, p.channel, p.status.as_str(), p.version, p.notify_url, p.metadata,
+                        p.channel_trade_no, p.failure_code, p.failure_message, p.idempotency_key, p.request_hash,
+                        p.expires_at_ms, p.paid_at_ms, p.created_at_ms, p.updated_at_ms
+                    ])
+                })
+                .map_err(db_err)?;
+            if inserted == 0 {
+                let existing = c
+                    .query_row(
+                        &format!("SELECT {PAYMENT_COLS} FROM payments WHERE merchant_id = ?1 AND out_trade_no = ?2"),
+                        params![p.merchant_id.to_string(), p.out_trade_no],
+                        payment_row,
+                    )
+                    .map_err(db_err)?;
+                return Ok(CreatePaymentOutcome::DuplicateOutTradeNo(Box::new(existing)));
+            }
+            let a = &new.attempt;
+            c.prepare_cached(&format!(
+                "INSERT INTO payment_attempts ({ATTEMPT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))
+            .and_then(|mut s| {
+                s.execute(params![
+                    a.id.to_string(), a.payment_id.to_string(), a.merchant_id.to_string(), a.channel, a.status.as_str(),
+                    a.version, a.channel_trade_no, a.failure_code, a.failure_message, a.created_at_ms, a.updated_at_ms
+                ])
+            })
+            .map_err(db_err)?;
+            if let Some(j) = &new.job {
+                c.prepare_cached(
+                    "INSERT INTO jobs (kind, subject_id, run_at_ms, attempts, created_at_ms) VALUES (?1, ?2, ?3, 0, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![j.kind, j.subject_id, j.run_at_ms, p.created_at_ms]))
+                .map_err(db_err)?;
+            }
+            Ok(CreatePaymentOutcome::Created)
+        })
+        .await
+    }
+
+    async fn get_payment(&self, merchant_id: MerchantId, id: PaymentId) -> Result<Option<PaymentRecord>> {
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = ?1 AND merchant_id = ?2"))
+                .and_then(|mut s| s.query_row(params![id.to_string(), merchant_id.to_string()], payment_row).optional())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn get_payment_by_out_trade_no(&self, merchant_id: MerchantId, out_trade_no: &str) -> Result<Option<PaymentRecord>> {
+        let otn = out_trade_no.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {PAYMENT_COLS} FROM payments WHERE merchant_id = ?1 AND out_trade_no = ?2"))
+                .and_then(|mut s| s.query_row(params![merchant_id.to_string(), otn], payment_row).optional())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn get_payment_any(&self, id: PaymentId) -> Result<Option<PaymentRecord>> {
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = ?1"))
+                .and_then(|mut s| s.query_row([id.to_string()], payment_row).optional())
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_payments(&self, merchant_id: MerchantId, limit: u32, starting_after: Option<PaymentId>) -> Result<Vec<PaymentRecord>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLS} FROM payments WHERE merchant_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+                ))
+                .map_err(db_err)?;
+            let rows = s
+                .query_map(params![merchant_id.to_string(), starting_after.map(|i| i.to_string()), limit], payment_row)
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn get_attempts(&self, payment_id: PaymentId) -> Result<Vec<AttemptRecord>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!("SELECT {ATTEMPT_COLS} FROM payment_attempts WHERE payment_id = ?1 ORDER BY id"))
+                .map_err(db_err)?;
+            let rows = s.query_map([payment_id.to_string()], attempt_row).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn apply_transition(&self, t: &Transition) -> Result<bool> {
+        let t = t.clone();
+        self.write_or_rollback(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE payments SET status = ?1, version = version + 1, channel_trade_no = COALESCE(?2, channel_trade_no), \
+                     failure_code = ?3, failure_message = ?4, paid_at_ms = COALESCE(?5, paid_at_ms), updated_at_ms = ?6 \
+                     WHERE id = ?7 AND version = ?8",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        t.payment_status.as_str(), t.channel_trade_no, t.failure_code, t.failure_message, t.paid_at_ms,
+                        t.now_ms, t.payment_id.to_string(), t.payment_version
+                    ])
+                })
+                .map_err(db_err)?;
+            if n == 0 {
+                return Ok((false, false));
+            }
+            let n = c
+                .prepare_cached(
+                    "UPDATE payment_attempts SET status = ?1, version = version + 1, channel_trade_no = COALESCE(?2, channel_trade_no), \
+                     failure_code = ?3, failure_message = ?4, updated_at_ms = ?5 WHERE id = ?6 AND version = ?7",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        t.attempt_status.as_str(), t.channel_trade_no, t.failure_code, t.failure_message, t.now_ms,
+                        t.attempt_id.to_string(), t.attempt_version
+                    ])
+                })
+                .map_err(db_err)?;
+            if n == 0 {
+                return Ok((false, false));
+            }
+            if let Some(e) = &t.event {
+                insert_event(c, e)?;
+            }
+            if let Some(j) = &t.job {
+                apply_job_update(c, j)?;
+            }
+            Ok((true, true))
+        })
+        .await
+    }
+
+    async fn count_payments_by_status(&self, merchant_id: MerchantId) -> Result<Vec<(String, i64)>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT status, COUNT(*) FROM payments WHERE merchant_id = ?1 GROUP BY status ORDER BY status")
+                .map_err(db_err)?;
+            let rows = s.query_map([merchant_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn lease_jobs(&self, kind: &str, now_ms: i64, lease_ms: i64, limit: u32) -> Result<Vec<JobRecord>> {
+        let kind = kind.to_string();
+        self.write(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "UPDATE jobs SET run_at_ms = ?2 + ?3, attempts = attempts + 1 \
+                     WHERE kind = ?1 AND subject_id IN (SELECT subject_id FROM jobs WHERE kind = ?1 AND run_at_ms <= ?2 ORDER BY run_at_ms LIMIT ?4) \
+                     RETURNING kind, subject_id, run_at_ms, attempts, created_at_ms",
+                )
+                .map_err(db_err)?;
+            let rows = s.query_map(params![kind, now_ms, lease_ms, limit], job_row).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn update_job(&self, update: &JobUpdate) -> Result<()> {
+        let u = update.clone();
+        self.write(move |c| apply_job_update(c, &u)).await
+    }
+
+    async fn count_jobs(&self, kind: &str) -> Result<i64> {
+        let kind = kind.to_string();
+        self.read(move |c| c.query_row("SELECT COUNT(*) FROM jobs WHERE kind = ?1", [kind], |r| r.get(0)).map_err(db_err))
+            .await
+    }
+
+    async fn list_events(&self, merchant_id: MerchantId, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT seq, id, merchant_id, event_type, object_id, payload, created_at_ms FROM outbox \
+                     WHERE merchant_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )
+                .map_err(db_err)?;
+            let rows = s.query_map(params![merchant_id.to_string(), after_seq, limit], event_row).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn insert_alert(&self, a: &AlertRecord) -> Result<()> {
+        let a = a.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO alerts (kind, subject_id, detail, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![a.kind, a.subject_id, a.detail, a.created_at_ms],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached("SELECT kind, subject_id, detail, created_at_ms FROM alerts ORDER BY seq DESC LIMIT ?1")
+                .map_err(db_err)?;
+            let rows = s
+                .query_map([limit], |r| {
+                    Ok(AlertRecord { kind: r.get(0)?, subject_id: r.get(1)?, detail: r.get(2)?, created_at_ms: r.get(3)? })
+                })
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn prune(&self, now_ms: i64, keys_before_ms: i64) -> Result<u64> {
+        self.write(move |c| {
+            let a = c.execute("DELETE FROM request_nonces WHERE expires_at_ms < ?1", [now_ms]).map_err(db_err)?;
+            let b = c
+                .execute("DELETE FROM idempotency_keys WHERE created_at_ms < ?1 AND state = 'completed'", [keys_before_ms])
+                .map_err(db_err)?;
+            Ok((a + b) as u64)
+        })
+        .await
+    }
+}
+
+/// Shared by both backends: what an existing idempotency row means for a new request.
+pub(crate) fn idempotency_state(
+    claim: &IdempotencyClaim,
+    stored_hash: &str,
+    state: &str,
+    status: Option<i64>,
+    body: Option<String>,
+    locked_at_ms: i64,
+) -> IdempotencyState {
+    if stored_hash != claim.request_hash {
+        return IdempotencyState::Mismatch;
+    }
+    match (state, status, body) {
+        ("completed", Some(status), Some(body)) => {
+            IdempotencyState::Replay { status: u16::try_from(status).unwrap_or(500), body }
+        }
+        _ if locked_at_ms < claim.now_ms.saturating_sub(claim.stale_after_ms) => IdempotencyState::New,
+        _ => IdempotencyState::InProgress,
+    }
+}
