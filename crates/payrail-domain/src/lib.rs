@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
 
 pub mod channel;
+pub mod clock;
 pub mod id;
 pub mod input;
 pub mod money;
@@ -14,6 +15,7 @@ pub mod secret;
 pub mod signing;
 
 pub use channel::ChannelOutcome;
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use id::{AppId, AttemptId, EventId, Id, IdKind, JobId, MerchantId, PaymentId};
 pub use money::{Currency, Money, MoneyError};
 pub use payment::{AttemptStatus, PaymentStatus, TransitionError};

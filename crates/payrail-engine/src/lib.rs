@@ -1,1 +1,124 @@
+//! The application layer: the payment pipeline, merchant and app management, authentication
+//! of signed requests, and the background workers. HTTP lives in `payrail-api`; this crate knows
+//! nothing of it, so the same operations serve the API, the CLI and the workers.
 
+pub mod auth;
+pub mod crypto;
+pub mod ids;
+pub mod merchants;
+pub mod metrics;
+pub mod payments;
+pub mod views;
+pub mod worker;
+
+use payrail_channels::Registry;
+use payrail_domain::input::InputError;
+use payrail_domain::Clock;
+use payrail_store::{DynStore, StoreError};
+use std::sync::Arc;
+
+/// Tunables of the engine. Every wait and retry has a bound, named with its unit.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Longest wait for any one channel call; past it the outcome is unknown.
+    pub channel_timeout_ms: u64,
+    /// First status query of a processing attempt, after submission.
+    pub sync_first_delay_ms: i64,
+    /// Cap of the doubling delay between status queries.
+    pub sync_max_delay_ms: i64,
+    /// How long a leased sync job stays invisible to other workers.
+    pub sync_lease_ms: i64,
+    /// Jobs leased per poll.
+    pub sync_batch: u32,
+    /// Sleep of an idle worker between polls.
+    pub worker_poll_ms: u64,
+    /// An in-progress idempotency key older than this belongs to a request that died.
+    pub idempotency_stale_ms: i64,
+    /// Completed idempotency keys are kept at least this long.
+    pub idempotency_retention_ms: i64,
+    /// How long an authenticated app (and its merchant's status) stays cached.
+    pub auth_cache_ttl_ms: i64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            channel_timeout_ms: 10_000,
+            sync_first_delay_ms: 5_000,
+            sync_max_delay_ms: 300_000,
+            sync_lease_ms: 60_000,
+            sync_batch: 64,
+            worker_poll_ms: 500,
+            idempotency_stale_ms: 60_000,
+            idempotency_retention_ms: 24 * 3600 * 1000,
+            auth_cache_ttl_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Input(InputError),
+    #[error("no such {0}")]
+    NotFound(&'static str),
+    #[error("merchant is frozen")]
+    MerchantFrozen,
+    #[error("a payment with this out_trade_no exists already")]
+    DuplicateOutTradeNo,
+    #[error("payment is {0} and cannot be closed")]
+    NotClosable(String),
+    #[error("no channel serves method {0}")]
+    NoChannel(String),
+    #[error("the channel did not confirm: {0}")]
+    ChannelUnconfirmed(String),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<InputError> for EngineError {
+    fn from(e: InputError) -> Self {
+        EngineError::Input(e)
+    }
+}
+
+pub struct Engine {
+    pub store: DynStore,
+    pub channels: Registry,
+    pub clock: Arc<dyn Clock>,
+    pub ids: ids::IdGen,
+    pub master_key: crypto::MasterKey,
+    pub config: EngineConfig,
+    pub metrics: metrics::Metrics,
+    auth_cache: auth::AuthCache,
+}
+
+impl Engine {
+    pub fn new(
+        store: DynStore,
+        channels: Registry,
+        clock: Arc<dyn Clock>,
+        master_key: crypto::MasterKey,
+        config: EngineConfig,
+    ) -> Engine {
+        Engine {
+            store,
+            channels,
+            ids: ids::IdGen::new(clock.clone()),
+            clock,
+            master_key,
+            config,
+            metrics: metrics::Metrics::new(),
+            auth_cache: auth::AuthCache::default(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Name of the job kind that drives processing attempts to a definite answer.
+pub const JOB_PAYMENT_SYNC: &str = "payment_sync";

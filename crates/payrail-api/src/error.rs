@@ -1,0 +1,186 @@
+//! The one error shape of the API:
+//! `{"error": {"type", "code", "message", "param", "request_id"}}` with a matching status.
+//! 5xx bodies say nothing internal; the detail goes to the log under the same request id.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use payrail_domain::input::InputError;
+use payrail_engine::auth::AuthError;
+use payrail_engine::EngineError;
+use serde_json::json;
+
+tokio::task_local! {
+    /// The id of the request being served, set by the request-id middleware.
+    pub static REQUEST_ID: String;
+}
+
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok()
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, kind, code, message: message.into(), param: None }
+    }
+
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> ApiError {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "resource_missing", format!("no such {what}"))
+    }
+
+    pub fn internal() -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "internal_error",
+            "an internal error occurred; quote the request id to support",
+        )
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "type": self.kind,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+            "request_id": current_request_id(),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        ApiError::invalid(e.code, e.message).with_param(e.param)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use EngineError as E;
+        match e {
+            E::Input(i) => i.into(),
+            E::NotFound(what) => ApiError::not_found(what),
+            E::MerchantFrozen => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "merchant_frozen",
+                "this merchant is frozen; contact the platform operator",
+            ),
+            E::DuplicateOutTradeNo => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "duplicate_out_trade_no",
+                "a payment with this out_trade_no exists already; query it instead",
+            )
+            .with_param("out_trade_no"),
+            E::NotClosable(status) => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "payment_not_closable",
+                format!("the payment is {status} and cannot be closed"),
+            ),
+            E::NoChannel(method) => ApiError::invalid(
+                "method_not_available",
+                format!("no channel is configured for method {method}"),
+            )
+            .with_param("method"),
+            E::ChannelUnconfirmed(reason) => {
+                tracing::warn!(reason = %reason, "channel did not confirm");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "channel_error",
+                    "channel_unconfirmed",
+                    "the channel did not confirm the operation; the payment is unchanged, retry later",
+                )
+            }
+            E::Store(err) => {
+                tracing::error!(error = %err, "storage error");
+                ApiError::internal()
+            }
+            E::Internal(msg) => {
+                tracing::error!(error = %msg, "internal error");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let unauth = |code, msg: String| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", code, msg);
+        match e {
+            AuthError::Signing(s) => {
+                let code = match s {
+                    payrail_domain::signing::SigningError::Missing => "signature_missing",
+                    payrail_domain::signing::SigningError::Malformed => "signature_malformed",
+                    payrail_domain::signing::SigningError::BadNonce => "nonce_invalid",
+                    payrail_domain::signing::SigningError::StaleTimestamp => "timestamp_out_of_window",
+                };
+                unauth(code, s.to_string())
+            }
+            AuthError::UnknownKey => unauth("key_unknown", "unknown key_id".into()),
+            AuthError::BadSignature => unauth(
+                "signature_invalid",
+                "signature does not match; see docs/signing.md for the canonical string".into(),
+            ),
+            AuthError::NonceReused => unauth("nonce_reused", "this nonce was used before; use a fresh one per request".into()),
+            AuthError::BadOperatorToken => unauth("operator_token_invalid", "missing or invalid operator bearer token".into()),
+            AuthError::Store(err) => {
+                tracing::error!(error = %err, "storage error during authentication");
+                ApiError::internal()
+            }
+            AuthError::Internal(msg) => {
+                tracing::error!(error = %msg, "internal error during authentication");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// Maps a JSON decoding failure to a 400 naming the parameter.
+pub fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.inner();
+    let msg = inner.to_string();
+    // serde_json appends " at line L column C"; keep the message short and stable.
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    if inner.is_syntax() || inner.is_eof() {
+        return ApiError::invalid("invalid_json", format!("request body is not valid JSON: {msg}"));
+    }
+    if let Some(field) = msg.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
+        return ApiError::invalid("parameter_missing", format!("{field} is required")).with_param(field);
+    }
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        return ApiError::invalid("parameter_unknown", format!("unknown parameter {field}")).with_param(field);
+    }
+    let param = if path == "." { None } else { Some(path) };
+    let err = ApiError::invalid("parameter_invalid", msg);
+    match param {
+        Some(p) => err.with_param(p),
+        None => err,
+    }
+}

@@ -1,0 +1,142 @@
+//! Merchant API v1: payments.
+
+use crate::error::ApiError;
+use crate::request::{admit_read, idempotent, parse_json, Reply, Signed};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use payrail_domain::input::{ExpiresIn, Metadata, NotifyUrl, OutTradeNo, PaymentMethod, Subject};
+use payrail_domain::{Currency, Money, MoneyError, PaymentId};
+use payrail_engine::payments::{CreatePayment, IdemRef};
+use payrail_engine::views::payment_json;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/payments", post(create_payment).get(list_payments))
+        .route("/v1/payments/{id}", get(get_payment))
+        .route("/v1/payments/{id}/close", post(close_payment))
+        .route("/v1/payments/out_trade_no/{out_trade_no}", get(get_by_out_trade_no))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreatePaymentBody {
+    amount: i64,
+    currency: String,
+    out_trade_no: String,
+    subject: String,
+    method: String,
+    expires_in: Option<i64>,
+    notify_url: Option<String>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+fn money_error(e: MoneyError) -> ApiError {
+    match e {
+        MoneyError::UnknownCurrency(_) => ApiError::invalid("currency_invalid", e.to_string()).with_param("currency"),
+        MoneyError::NotPositive | MoneyError::TooLarge(..) | MoneyError::Overflow => {
+            ApiError::invalid("amount_invalid", format!("amount must be an integer number of minor units from 1 to {}", Money::MAX_PAYMENT_MINOR))
+                .with_param("amount")
+        }
+        MoneyError::CurrencyMismatch(..) => ApiError::invalid("currency_invalid", e.to_string()).with_param("currency"),
+    }
+}
+
+/// Pure validation: a bad request is refused here, before anything is written.
+fn validate_create(body: &[u8]) -> Result<CreatePayment, ApiError> {
+    let b: CreatePaymentBody = parse_json(body)?;
+    let currency = Currency::parse(&b.currency).map_err(money_error)?;
+    Ok(CreatePayment {
+        amount: Money::payment_amount(b.amount, currency).map_err(money_error)?,
+        out_trade_no: OutTradeNo::parse(&b.out_trade_no)?,
+        subject: Subject::parse(&b.subject)?,
+        method: PaymentMethod::parse(&b.method)?,
+        expires_in: b.expires_in.map(ExpiresIn::parse).transpose()?.unwrap_or(ExpiresIn::DEFAULT),
+        notify_url: b.notify_url.as_deref().map(NotifyUrl::parse).transpose()?,
+        metadata: Metadata::parse(b.metadata.unwrap_or_default())?,
+    })
+}
+
+async fn create_payment(State(engine): State<AppState>, s: Signed) -> Result<Response, ApiError> {
+    let input = validate_create(&s.body)?;
+    idempotent(&engine, s.mutation(), |engine, key, hash| async move {
+        let res = engine.create_payment(&s.app, input, Some(IdemRef { key: &key, request_hash: &hash })).await?;
+        Ok(Reply::ok(payment_json(&res.payment, res.next_action.as_ref())))
+    })
+    .await
+}
+
+fn parse_payment_id(id: &str) -> Result<PaymentId, ApiError> {
+    // An id of the wrong shape cannot exist: same answer as a missing one.
+    id.parse().map_err(|_| ApiError::not_found("payment"))
+}
+
+async fn get_payment(State(engine): State<AppState>, Path(id): Path<String>, s: Signed) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    admit_read(&engine, &s).await?;
+    let p = engine.get_payment(&s.app, parse_payment_id(&id)?).await?;
+    Ok(axum::Json(payment_json(&p, None)))
+}
+
+async fn get_by_out_trade_no(State(engine): State<AppState>, Path(otn): Path<String>, s: Signed) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    admit_read(&engine, &s).await?;
+    let otn = OutTradeNo::parse(&otn).map_err(|_| ApiError::not_found("payment"))?;
+    let p = engine.get_payment_by_out_trade_no(&s.app, &otn).await?;
+    Ok(axum::Json(payment_json(&p, None)))
+}
+
+async fn close_payment(State(engine): State<AppState>, Path(id): Path<String>, s: Signed) -> Result<Response, ApiError> {
+    if !s.body.is_empty() {
+        let _: serde_json::Map<String, serde_json::Value> = parse_json(&s.body)
+            .and_then(|m: serde_json::Map<String, serde_json::Value>| match m.keys().next() {
+                Some(k) => Err(ApiError::invalid("parameter_unknown", format!("unknown parameter {k}")).with_param(k.clone())),
+                None => Ok(m),
+            })?;
+    }
+    let id = parse_payment_id(&id)?;
+    idempotent(&engine, s.mutation(), |engine, _, _| async move {
+        let p = engine.close_payment(&s.app, id).await?;
+        Ok(Reply::ok(payment_json(&p, None)))
+    })
+    .await
+}
+
+/// Limit of a list page: 1–100, default 10.
+fn parse_list_query(query: Option<&str>) -> Result<(u32, Option<PaymentId>), ApiError> {
+    let mut limit = 10u32;
+    let mut after = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=payrail_engine::merchants::PAGE_LIMIT_MAX).contains(l))
+                    .ok_or_else(|| ApiError::invalid("parameter_out_of_range", "limit must be an integer from 1 to 100").with_param("limit"))?;
+            }
+            "starting_after" => {
+                after = Some(v.parse::<PaymentId>().map_err(|_| {
+                    ApiError::invalid("parameter_invalid", "starting_after must be a payment id").with_param("starting_after")
+                })?);
+            }
+            other => {
+                return Err(ApiError::invalid("parameter_unknown", format!("unknown query parameter {other}")).with_param(other.to_string()))
+            }
+        }
+    }
+    Ok((limit, after))
+}
+
+async fn list_payments(State(engine): State<AppState>, s: Signed) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let query = s.path_and_query.split_once('?').map(|(_, q)| q.to_string());
+    let (limit, after) = parse_list_query(query.as_deref())?;
+    admit_read(&engine, &s).await?;
+    let (rows, has_more) = engine.list_payments(&s.app, limit, after).await?;
+    let data: Vec<_> = rows.iter().map(|p| payment_json(p, None)).collect();
+    Ok(axum::Json(json!({"object": "list", "url": "/v1/payments", "has_more": has_more, "data": data})))
+}

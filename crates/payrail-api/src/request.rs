@@ -1,0 +1,291 @@
+//! Extractors shared by the handlers: the signed merchant request, the operator, JSON bodies,
+//! and the idempotency wrapper every POST goes through.
+
+use crate::error::{json_error, ApiError};
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use payrail_domain::input::IdempotencyKey;
+use payrail_domain::signing::{SignedRequest, TIMESTAMP_WINDOW_S};
+use payrail_engine::auth::{request_hash, AppAuth, AuthError};
+use payrail_store::{Admission, AdmissionOutcome, IdempotencyClaim, IdempotencyState, NonceClaim};
+use serde::de::DeserializeOwned;
+
+/// A merchant request whose signature and timestamp have been verified. Its nonce is claimed
+/// later, together with the idempotency key, after the body has been validated.
+pub struct Signed {
+    pub app: AppAuth,
+    pub signed: SignedRequest,
+    pub method: Method,
+    pub path_and_query: String,
+    pub idempotency_key: Option<String>,
+    pub body: Bytes,
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn check_json_content_type(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let ct = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
+    if ct.split(';').next().map(str::trim).is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "request bodies must be JSON with Content-Type: application/json",
+        ))
+    }
+}
+
+async fn read_body(req: Request) -> Result<(Parts, Bytes), ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), &())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                format!("request body exceeds {} bytes", crate::BODY_LIMIT_BYTES),
+            )
+        })?;
+    Ok((parts, bytes))
+}
+
+impl FromRequest<AppState> for Signed {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, engine: &AppState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = read_body(req).await?;
+        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let (app, signed) = engine
+            .verify_signature(header_str(&parts.headers, "authorization"), parts.method.as_str(), &path_and_query, &body)
+            .await?;
+        check_json_content_type(&parts.headers, &body)?;
+        Ok(Signed {
+            app,
+            signed,
+            method: parts.method,
+            path_and_query,
+            idempotency_key: header_str(&parts.headers, "idempotency-key").map(str::to_string),
+            body,
+        })
+    }
+}
+
+/// An operator request (bearer token verified), with its body.
+pub struct Operator {
+    pub method: Method,
+    pub path_and_query: String,
+    pub idempotency_key: Option<String>,
+    pub body: Bytes,
+}
+
+impl FromRequest<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, engine: &AppState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = read_body(req).await?;
+        engine.verify_operator(header_str(&parts.headers, "authorization")).await?;
+        check_json_content_type(&parts.headers, &body)?;
+        Ok(Operator {
+            path_and_query: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+            method: parts.method,
+            idempotency_key: header_str(&parts.headers, "idempotency-key").map(str::to_string),
+            body,
+        })
+    }
+}
+
+/// Operator GET requests: token only.
+pub struct OperatorAuth;
+
+impl FromRequestParts<AppState> for OperatorAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, engine: &AppState) -> Result<Self, Self::Rejection> {
+        engine.verify_operator(header_str(&parts.headers, "authorization")).await?;
+        Ok(OperatorAuth)
+    }
+}
+
+/// Decodes a JSON body strictly: unknown fields and wrong types are 400s naming the parameter.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid("invalid_json", "request body is empty; send a JSON object"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let v = serde_path_to_error::deserialize(de).map_err(json_error)?;
+    Ok(v)
+}
+
+/// Response of a handler before it is stored for idempotent replay.
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: serde_json::Value,
+    /// What to store for replays instead of `body` (to keep a shown-once secret out of the
+    /// database).
+    pub stored_body: Option<serde_json::Value>,
+}
+
+impl Reply {
+    pub fn ok(body: serde_json::Value) -> Reply {
+        Reply { status: StatusCode::OK, body, stored_body: None }
+    }
+}
+
+fn json_response(status: StatusCode, body: String, replayed: bool) -> Response {
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if replayed {
+        r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    r
+}
+
+/// Runs a mutating request exactly once per idempotency key: claims the nonce (merchant
+/// requests) and the key in one write, then replays, refuses or runs `f` and stores its answer.
+/// 5xx answers are not stored, so the request can be retried.
+/// What the idempotency wrapper needs to know of a mutating request.
+pub struct Mutation {
+    /// Whose key space: the merchant id, or `operator`.
+    pub scope: String,
+    /// The nonce to claim with the key (signed merchant requests).
+    pub nonce: Option<NonceClaim>,
+    pub method: Method,
+    pub path_and_query: String,
+    pub key: Option<String>,
+    pub body: Bytes,
+}
+
+impl Signed {
+    pub fn mutation(&self) -> Mutation {
+        Mutation {
+            scope: self.app.merchant_id.to_string(),
+            nonce: Some(nonce_claim(self)),
+            method: self.method.clone(),
+            path_and_query: self.path_and_query.clone(),
+            key: self.idempotency_key.clone(),
+            body: self.body.clone(),
+        }
+    }
+}
+
+impl Operator {
+    pub fn mutation(&self) -> Mutation {
+        Mutation {
+            scope: "operator".into(),
+            nonce: None,
+            method: self.method.clone(),
+            path_and_query: self.path_and_query.clone(),
+            key: self.idempotency_key.clone(),
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// Runs a mutating request exactly once per idempotency key: claims the nonce (merchant
+/// requests) and the key in one write, then replays, refuses or runs `f` and stores its answer.
+/// 5xx answers are not stored, so the request can be retried.
+pub async fn idempotent<F, Fut>(engine: &AppState, m: Mutation, f: F) -> Result<Response, ApiError>
+where
+    F: FnOnce(AppState, String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<Reply, ApiError>>,
+{
+    let Mutation { scope, nonce, method, path_and_query, key, body } = m;
+    let key = key.as_deref().ok_or_else(|| {
+        ApiError::invalid("idempotency_key_missing", "every POST needs an Idempotency-Key header (a UUID is a good choice)")
+            .with_param("Idempotency-Key")
+    })?;
+    let key = IdempotencyKey::parse(key)?;
+    let hash = request_hash(method.as_str(), &path_and_query, &body);
+    let now = engine.now_ms();
+    let admission = Admission {
+        now_ms: now,
+        nonce,
+        idempotency: Some(IdempotencyClaim {
+            scope: scope.clone(),
+            key: key.as_str().to_string(),
+            request_hash: hash.clone(),
+            now_ms: now,
+            stale_after_ms: engine.config.idempotency_stale_ms,
+        }),
+    };
+    let state = match engine.store.admit(&admission).await.map_err(payrail_engine::EngineError::from)? {
+        AdmissionOutcome::NonceReused => return Err(AuthError::NonceReused.into()),
+        AdmissionOutcome::Admitted(state) => state.unwrap_or(IdempotencyState::New),
+    };
+    match state {
+        IdempotencyState::Replay { status, body } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            return Ok(json_response(status, body, true));
+        }
+        IdempotencyState::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_error",
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request; use a new key",
+            )
+            .with_param("Idempotency-Key"))
+        }
+        IdempotencyState::InProgress => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_error",
+                "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+            )
+            .with_param("Idempotency-Key"))
+        }
+        IdempotencyState::New => {}
+    }
+    let (status, text, stored) = match f(engine.clone(), key.as_str().to_string(), hash).await {
+        Ok(reply) => {
+            let text = reply.body.to_string();
+            let stored = reply.stored_body.map(|b| b.to_string()).unwrap_or_else(|| text.clone());
+            (reply.status, text, stored)
+        }
+        Err(e) => {
+            let text = e.body().to_string();
+            (e.status, text.clone(), text)
+        }
+    };
+    let save = if status.is_server_error() {
+        engine.store.release_idempotency(&scope, key.as_str()).await
+    } else {
+        engine.store.complete_idempotency(&scope, key.as_str(), status.as_u16(), &stored, engine.now_ms()).await
+    };
+    if let Err(e) = save {
+        // The work is done and durable; only the replay record is missing. A retry will find
+        // the existing object through its out_trade_no, so answer normally.
+        tracing::error!(error = %e, "cannot store idempotent response");
+    }
+    Ok(json_response(status, text, false))
+}
+
+/// Claims the nonce of a signed read request.
+pub async fn admit_read(engine: &AppState, s: &Signed) -> Result<(), ApiError> {
+    let admission = Admission { now_ms: engine.now_ms(), nonce: Some(nonce_claim(s)), idempotency: None };
+    match engine.store.admit(&admission).await.map_err(payrail_engine::EngineError::from)? {
+        AdmissionOutcome::NonceReused => Err(AuthError::NonceReused.into()),
+        AdmissionOutcome::Admitted(_) => Ok(()),
+    }
+}
+
+/// A nonce is remembered until its request's timestamp leaves the window (plus a minute of
+/// slack for clock differences between processes).
+pub fn nonce_claim(s: &Signed) -> NonceClaim {
+    NonceClaim {
+        key_id: s.signed.key_id.clone(),
+        nonce: s.signed.nonce.clone(),
+        expires_at_ms: s.signed.timestamp.saturating_add(TIMESTAMP_WINDOW_S + 60).saturating_mul(1000),
+    }
+}

@@ -1,0 +1,464 @@
+//! The payment pipeline: create → record → submit → apply the channel's answer; status sync;
+//! close.
+//!
+//! The order of writes is what keeps money safe across crashes:
+//! 1. the payment, its attempt and a status-sync job are committed *before* the channel call,
+//!    so a crash after the call leaves a job that will ask the channel what happened;
+//! 2. the channel's answer is applied with an optimistic lock; the first definite answer wins
+//!    and a contradicting one raises an alert instead of flipping the status;
+//! 3. unknown (timeout, 5xx, not found) changes nothing: the job keeps asking, with a doubling
+//!    delay, until a definite answer or the payment's expiry, when the order is closed.
+
+use crate::auth::AppAuth;
+use crate::{Engine, EngineError, JOB_PAYMENT_SYNC};
+use payrail_channels::{Connector, NextAction, QueryRequest, SubmitRequest, SubmitResponse};
+use payrail_domain::input::{ExpiresIn, Metadata, NotifyUrl, OutTradeNo, PaymentMethod, Subject};
+use payrail_domain::payment::{decide, Decision};
+use payrail_domain::{AttemptStatus, ChannelOutcome, Currency, EventId, Money, PaymentId, PaymentStatus};
+use payrail_store::{
+    AlertRecord, AttemptRecord, CreatePaymentOutcome, JobRecord, JobUpdate, NewEvent, NewJob, NewPayment,
+    PaymentRecord, Transition,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Retries of a status change that lost an optimistic-lock race to another writer.
+const APPLY_RETRIES_MAX: usize = 4;
+
+/// A validated create-payment request.
+#[derive(Debug, Clone)]
+pub struct CreatePayment {
+    pub amount: Money,
+    pub out_trade_no: OutTradeNo,
+    pub subject: Subject,
+    pub method: PaymentMethod,
+    pub expires_in: ExpiresIn,
+    pub notify_url: Option<NotifyUrl>,
+    pub metadata: Metadata,
+}
+
+/// The idempotency key a request came with, so a retry after a crash recognises its payment.
+#[derive(Debug, Clone, Copy)]
+pub struct IdemRef<'a> {
+    pub key: &'a str,
+    pub request_hash: &'a str,
+}
+
+#[derive(Debug, Clone)]
+pub struct PaymentResult {
+    pub payment: PaymentRecord,
+    pub next_action: Option<NextAction>,
+}
+
+impl Engine {
+    pub async fn create_payment(
+        &self,
+        app: &AppAuth,
+        req: CreatePayment,
+        idem: Option<IdemRef<'_>>,
+    ) -> Result<PaymentResult, EngineError> {
+        if !app.merchant_active {
+            return Err(EngineError::MerchantFrozen);
+        }
+        let connector = self
+            .channels
+            .route(req.method)
+            .ok_or_else(|| EngineError::NoChannel(req.method.as_str().into()))?
+            .clone();
+        let now = self.now_ms();
+        let status = PaymentStatus::Created
+            .transition(PaymentStatus::Processing)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let payment = PaymentRecord {
+            id: self.ids.next(),
+            merchant_id: app.merchant_id,
+            app_id: app.app_id,
+            out_trade_no: req.out_trade_no.as_str().to_string(),
+            amount_minor: req.amount.amount_minor(),
+            currency: req.amount.currency().code().to_string(),
+            subject: req.subject.as_str().to_string(),
+            method: req.method.as_str().to_string(),
+            channel: connector.name().to_string(),
+            status,
+            version: 1,
+            notify_url: req.notify_url.map(|u| u.into_string()),
+            metadata: serde_json::to_string(req.metadata.as_map())
+                .map_err(|e| EngineError::Internal(e.to_string()))?,
+            channel_trade_no: None,
+            failure_code: None,
+            failure_message: None,
+            idempotency_key: idem.map(|i| i.key.to_string()),
+            request_hash: idem.map(|i| i.request_hash.to_string()),
+            expires_at_ms: now.saturating_add(req.expires_in.seconds().saturating_mul(1000)),
+            paid_at_ms: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        // Recorded as processing before the call: from the moment it is sent, its outcome is
+        // unknown until the channel says otherwise.
+        let attempt = AttemptRecord {
+            id: self.ids.next(),
+            payment_id: payment.id,
+            merchant_id: payment.merchant_id,
+            channel: payment.channel.clone(),
+            status: AttemptStatus::Processing,
+            version: 1,
+            channel_trade_no: None,
+            failure_code: None,
+            failure_message: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let first_sync_ms = i64::try_from(self.config.channel_timeout_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_add(self.config.sync_first_delay_ms);
+        let new = NewPayment {
+            payment: payment.clone(),
+            attempt: attempt.clone(),
+            job: Some(NewJob {
+                kind: JOB_PAYMENT_SYNC.into(),
+                subject_id: payment.id.to_string(),
+                run_at_ms: now.saturating_add(first_sync_ms),
+            }),
+        };
+        if let CreatePaymentOutcome::DuplicateOutTradeNo(existing) = self.store.create_payment(&new).await? {
+            // The same request, retried after its first try died mid-way: answer with the
+            // payment it created (the sync job is driving it) rather than an error.
+            let same_request = idem.is_some_and(|i| {
+                existing.idempotency_key.as_deref() == Some(i.key)
+                    && existing.request_hash.as_deref() == Some(i.request_hash)
+            });
+            if same_request {
+                return Ok(PaymentResult { payment: *existing, next_action: None });
+            }
+            return Err(EngineError::DuplicateOutTradeNo);
+        }
+        self.metrics.inc(
+            "payrail_payments_created_total",
+            "Payments created, by channel.",
+            &[("channel", connector.name())],
+        );
+        let submit = SubmitRequest {
+            attempt_id: attempt.id,
+            amount: req.amount,
+            subject: payment.subject.clone(),
+            method: req.method,
+            submitted_at_ms: now,
+            expires_at_ms: payment.expires_at_ms,
+        };
+        let started = Instant::now();
+        let response = match tokio::time::timeout(self.channel_timeout(), connector.submit(&submit)).await {
+            Ok(r) => r,
+            Err(_) => SubmitResponse { outcome: ChannelOutcome::unknown("timeout"), next_action: None },
+        };
+        self.observe_channel(connector.name(), "submit", &response.outcome, started);
+        let payment = self.apply_outcome(payment, attempt, &response.outcome).await?;
+        if !payment.status.is_terminal() {
+            // The answer came back (processing or unknown): the first status query is due a
+            // short delay from now, not after a full channel timeout.
+            self.store
+                .update_job(&JobUpdate::Schedule {
+                    kind: JOB_PAYMENT_SYNC.into(),
+                    subject_id: payment.id.to_string(),
+                    run_at_ms: self.now_ms().saturating_add(self.config.sync_first_delay_ms),
+                    last_error: None,
+                })
+                .await?;
+        }
+        let next_action = (!payment.status.is_terminal()).then_some(response.next_action).flatten();
+        Ok(PaymentResult { payment, next_action })
+    }
+
+    fn channel_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.channel_timeout_ms)
+    }
+
+    fn observe_channel(&self, channel: &str, op: &str, outcome: &ChannelOutcome, started: Instant) {
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics.observe_us(
+            "payrail_channel_call_duration_seconds",
+            "Latency of channel calls.",
+            &[("channel", channel), ("op", op)],
+            us,
+        );
+        self.metrics.inc(
+            "payrail_channel_calls_total",
+            "Channel calls by outcome.",
+            &[("channel", channel), ("op", op), ("outcome", outcome.label())],
+        );
+        if let ChannelOutcome::Unknown { reason } = outcome {
+            tracing::warn!(channel, op, reason = %reason, "channel outcome unknown");
+        }
+    }
+
+    /// Applies a channel outcome to an attempt and its payment, retrying if another writer
+    /// changed them meanwhile. Returns the payment as stored afterwards.
+    pub async fn apply_outcome(
+        &self,
+        mut payment: PaymentRecord,
+        mut attempt: AttemptRecord,
+        outcome: &ChannelOutcome,
+    ) -> Result<PaymentRecord, EngineError> {
+        for _ in 0..APPLY_RETRIES_MAX {
+            let next = match decide(attempt.status, outcome) {
+                Decision::NoChange => return Ok(payment),
+                Decision::Conflict { current, reported } => {
+                    self.raise_conflict(&payment, current, reported).await?;
+                    return Ok(payment);
+                }
+                Decision::Transition(next) => next,
+            };
+            let next_payment = next.payment_status();
+            if next_payment != payment.status && !payment.status.can_become(next_payment) {
+                return Err(EngineError::Internal(format!(
+                    "payment {} is {} and cannot become {next_payment}",
+                    payment.id, payment.status
+                )));
+            }
+            let now = self.now_ms();
+            let (channel_trade_no, failure, paid_at_ms) = match outcome {
+                ChannelOutcome::Succeeded { channel_trade_no, paid_at_ms } => {
+                    (channel_trade_no.clone(), None, Some(paid_at_ms.unwrap_or(now)))
+                }
+                ChannelOutcome::Failed { code, message } => (None, Some((code.clone(), message.clone())), None),
+                ChannelOutcome::Processing { channel_trade_no } => (channel_trade_no.clone(), None, None),
+                _ => (None, None, None),
+            };
+            let mut updated = payment.clone();
+            updated.status = next_payment;
+            updated.version = payment.version.saturating_add(1);
+            updated.channel_trade_no = channel_trade_no.clone().or(updated.channel_trade_no);
+            updated.failure_code = failure.as_ref().map(|f| f.0.clone());
+            updated.failure_message = failure.as_ref().map(|f| f.1.clone());
+            updated.paid_at_ms = paid_at_ms.or(updated.paid_at_ms);
+            updated.updated_at_ms = now;
+            let terminal = next.is_terminal();
+            let event = terminal.then(|| self.payment_event(&updated, now));
+            let t = Transition {
+                payment_id: payment.id,
+                payment_version: payment.version,
+                payment_status: next_payment,
+                attempt_id: attempt.id,
+                attempt_version: attempt.version,
+                attempt_status: next,
+                channel_trade_no,
+                failure_code: updated.failure_code.clone(),
+                failure_message: updated.failure_message.clone(),
+                paid_at_ms,
+                now_ms: now,
+                event,
+                job: terminal.then(|| JobUpdate::Delete {
+                    kind: JOB_PAYMENT_SYNC.into(),
+                    subject_id: payment.id.to_string(),
+                }),
+            };
+            if self.store.apply_transition(&t).await? {
+                self.metrics.inc(
+                    "payrail_payment_transitions_total",
+                    "Payment status changes, by channel and new status.",
+                    &[("channel", &payment.channel), ("status", next_payment.as_str())],
+                );
+                tracing::info!(payment_id = %payment.id, from = %payment.status, to = %next_payment, "payment status changed");
+                return Ok(updated);
+            }
+            // Lost the race: read what won and decide again.
+            payment = self.store.get_payment_any(payment.id).await?.ok_or(EngineError::NotFound("payment"))?;
+            attempt = self
+                .store
+                .get_attempts(payment.id)
+                .await?
+                .into_iter()
+                .find(|a| a.id == attempt.id)
+                .ok_or(EngineError::NotFound("attempt"))?;
+        }
+        Err(EngineError::Internal(format!("payment {}: optimistic-lock retries exhausted", payment.id)))
+    }
+
+    fn payment_event(&self, p: &PaymentRecord, now_ms: i64) -> NewEvent {
+        let id: EventId = self.ids.next();
+        let event_type = format!("payment.{}", p.status);
+        let payload = serde_json::json!({
+            "id": id,
+            "object": "event",
+            "type": event_type,
+            "created": now_ms.div_euclid(1000),
+            "data": { "object": crate::views::payment_json(p, None) },
+        });
+        NewEvent {
+            id: id.to_string(),
+            merchant_id: p.merchant_id,
+            event_type,
+            object_id: p.id.to_string(),
+            payload: payload.to_string(),
+            created_at_ms: now_ms,
+        }
+    }
+
+    async fn raise_conflict(&self, p: &PaymentRecord, current: AttemptStatus, reported: &str) -> Result<(), EngineError> {
+        tracing::error!(payment_id = %p.id, current = %current, reported, "conflicting channel result; status kept");
+        self.metrics.inc(
+            "payrail_channel_conflicts_total",
+            "Definite channel results contradicting a final status.",
+            &[("channel", &p.channel)],
+        );
+        self.store
+            .insert_alert(&AlertRecord {
+                kind: "channel_conflict".into(),
+                subject_id: p.id.to_string(),
+                detail: format!("attempt is {current}, channel now reports {reported}"),
+                created_at_ms: self.now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn query_request(&self, p: &PaymentRecord, a: &AttemptRecord) -> Result<QueryRequest, EngineError> {
+        let currency = Currency::parse(&p.currency).map_err(|e| EngineError::Internal(e.to_string()))?;
+        Ok(QueryRequest {
+            attempt_id: a.id,
+            amount: Money::new(p.amount_minor, currency),
+            channel_trade_no: a.channel_trade_no.clone(),
+            submitted_at_ms: a.created_at_ms,
+        })
+    }
+
+    fn connector_for(&self, a: &AttemptRecord) -> Result<Arc<dyn Connector>, EngineError> {
+        self.channels
+            .get(&a.channel)
+            .cloned()
+            .ok_or_else(|| EngineError::Internal(format!("channel {} is not configured", a.channel)))
+    }
+
+    async fn open_attempt(&self, payment_id: PaymentId) -> Result<Option<AttemptRecord>, EngineError> {
+        Ok(self.store.get_attempts(payment_id).await?.into_iter().rev().find(|a| !a.status.is_terminal()))
+    }
+
+    /// Delay before the n-th status query (n starts at 1): first delay, doubling, capped.
+    pub fn sync_backoff_ms(&self, n: i64) -> i64 {
+        let shift = u32::try_from(n.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+        self.config
+            .sync_first_delay_ms
+            .saturating_mul(1i64 << shift)
+            .min(self.config.sync_max_delay_ms)
+    }
+
+    /// One run of a status-sync job: ask the channel (or close the order once expired), apply
+    /// the answer, and schedule the next run if still open.
+    pub async fn sync_payment(&self, job: &JobRecord) -> Result<(), EngineError> {
+        let delete = JobUpdate::Delete { kind: JOB_PAYMENT_SYNC.into(), subject_id: job.subject_id.clone() };
+        let Ok(payment_id) = job.subject_id.parse::<PaymentId>() else {
+            tracing::error!(subject = %job.subject_id, "sync job names no payment; dropped");
+            self.store.update_job(&delete).await?;
+            return Ok(());
+        };
+        let Some(payment) = self.store.get_payment_any(payment_id).await? else {
+            self.store.update_job(&delete).await?;
+            return Ok(());
+        };
+        let Some(attempt) = self.open_attempt(payment_id).await? else {
+            self.store.update_job(&delete).await?;
+            return Ok(());
+        };
+        let connector = self.connector_for(&attempt)?;
+        let req = self.query_request(&payment, &attempt)?;
+        let now = self.now_ms();
+        let expired = now >= payment.expires_at_ms;
+        let started = Instant::now();
+        let (op, call) = if expired { ("close", connector.close(&req)) } else { ("query", connector.query(&req)) };
+        let outcome = tokio::time::timeout(self.channel_timeout(), call)
+            .await
+            .unwrap_or_else(|_| ChannelOutcome::unknown("timeout"));
+        self.observe_channel(connector.name(), op, &outcome, started);
+        let updated = self.apply_outcome(payment, attempt, &outcome).await?;
+        if !updated.status.is_terminal() {
+            let mut next = now.saturating_add(self.sync_backoff_ms(job.attempts));
+            if !expired {
+                // Wake up for the expiry close even if the backoff has grown past it.
+                next = next.min(updated.expires_at_ms);
+            }
+            let last_error = match &outcome {
+                ChannelOutcome::Unknown { reason } => Some(reason.clone()),
+                other => Some(other.label().to_string()),
+            };
+            self.store
+                .update_job(&JobUpdate::Schedule {
+                    kind: JOB_PAYMENT_SYNC.into(),
+                    subject_id: job.subject_id.clone(),
+                    run_at_ms: next,
+                    last_error,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Re-queries one payment now (operator action and tests); same path as the worker.
+    pub async fn requery_payment(&self, payment_id: PaymentId) -> Result<PaymentRecord, EngineError> {
+        let job = JobRecord {
+            kind: JOB_PAYMENT_SYNC.into(),
+            subject_id: payment_id.to_string(),
+            run_at_ms: self.now_ms(),
+            attempts: 1,
+            created_at_ms: self.now_ms(),
+        };
+        self.sync_payment(&job).await?;
+        self.store.get_payment_any(payment_id).await?.ok_or(EngineError::NotFound("payment"))
+    }
+
+    /// Closes an unpaid payment at the channel and locally. Closing a closed payment is a
+    /// no-op; a payment the payer completed meanwhile is reported, not closed.
+    pub async fn close_payment(&self, app: &AppAuth, id: PaymentId) -> Result<PaymentRecord, EngineError> {
+        let payment = self.store.get_payment(app.merchant_id, id).await?.ok_or(EngineError::NotFound("payment"))?;
+        if payment.status == PaymentStatus::Closed {
+            return Ok(payment);
+        }
+        if !payment.status.is_closable() {
+            return Err(EngineError::NotClosable(payment.status.to_string()));
+        }
+        let attempt = self
+            .open_attempt(id)
+            .await?
+            .ok_or_else(|| EngineError::Internal(format!("payment {id} is open without an open attempt")))?;
+        let connector = self.connector_for(&attempt)?;
+        let req = self.query_request(&payment, &attempt)?;
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(self.channel_timeout(), connector.close(&req))
+            .await
+            .unwrap_or_else(|_| ChannelOutcome::unknown("timeout"));
+        self.observe_channel(connector.name(), "close", &outcome, started);
+        let updated = self.apply_outcome(payment, attempt, &outcome).await?;
+        match updated.status {
+            PaymentStatus::Closed => Ok(updated),
+            s if s.is_terminal() => Err(EngineError::NotClosable(s.to_string())),
+            _ => Err(EngineError::ChannelUnconfirmed(match outcome {
+                ChannelOutcome::Unknown { reason } => reason,
+                other => other.label().to_string(),
+            })),
+        }
+    }
+
+    pub async fn get_payment(&self, app: &AppAuth, id: PaymentId) -> Result<PaymentRecord, EngineError> {
+        self.store.get_payment(app.merchant_id, id).await?.ok_or(EngineError::NotFound("payment"))
+    }
+
+    pub async fn get_payment_by_out_trade_no(&self, app: &AppAuth, otn: &OutTradeNo) -> Result<PaymentRecord, EngineError> {
+        self.store
+            .get_payment_by_out_trade_no(app.merchant_id, otn.as_str())
+            .await?
+            .ok_or(EngineError::NotFound("payment"))
+    }
+
+    /// One page, newest first, and whether more follow.
+    pub async fn list_payments(
+        &self,
+        app: &AppAuth,
+        limit: u32,
+        starting_after: Option<PaymentId>,
+    ) -> Result<(Vec<PaymentRecord>, bool), EngineError> {
+        let limit = limit.clamp(1, crate::merchants::PAGE_LIMIT_MAX);
+        let mut rows = self.store.list_payments(app.merchant_id, limit.saturating_add(1), starting_after).await?;
+        let has_more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        Ok((rows, has_more))
+    }
+}

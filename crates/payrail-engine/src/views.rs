@@ -1,0 +1,52 @@
+//! The JSON shapes merchants see. One place, shared by API responses, stored idempotent
+//! replies and event payloads, so they never drift apart.
+
+use payrail_channels::NextAction;
+use payrail_store::{MerchantRecord, PaymentRecord};
+use serde_json::{json, Map, Value};
+
+fn secs(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}
+
+pub fn payment_json(p: &PaymentRecord, next_action: Option<&NextAction>) -> Value {
+    let metadata: Value = serde_json::from_str(&p.metadata).unwrap_or_else(|_| Value::Object(Map::new()));
+    let next_action = next_action.map(|a| match a {
+        NextAction::DisplayQrCode { code_url } => json!({"type": "display_qr_code", "code_url": code_url}),
+        NextAction::Redirect { url } => json!({"type": "redirect", "url": url}),
+    });
+    let failure = p.failure_code.as_ref().map(|code| json!({"code": code, "message": p.failure_message}));
+    json!({
+        "id": p.id,
+        "object": "payment",
+        "merchant_id": p.merchant_id,
+        "app_id": p.app_id,
+        "out_trade_no": p.out_trade_no,
+        "amount": p.amount_minor,
+        "currency": p.currency,
+        "subject": p.subject,
+        "method": p.method,
+        "channel": p.channel,
+        "status": p.status,
+        "channel_trade_no": p.channel_trade_no,
+        "failure": failure,
+        "notify_url": p.notify_url,
+        "metadata": metadata,
+        "next_action": next_action,
+        "created": secs(p.created_at_ms),
+        "updated": secs(p.updated_at_ms),
+        "expires_at": secs(p.expires_at_ms),
+        "paid_at": p.paid_at_ms.map(secs),
+    })
+}
+
+pub fn merchant_json(m: &MerchantRecord) -> Value {
+    json!({
+        "id": m.id,
+        "object": "merchant",
+        "name": m.name,
+        "status": m.status.as_str(),
+        "created": secs(m.created_at_ms),
+        "updated": secs(m.updated_at_ms),
+    })
+}
