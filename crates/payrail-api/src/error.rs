@@ -28,12 +28,28 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, kind, code, message: message.into(), param: None }
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+        }
     }
 
     pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> ApiError {
@@ -42,7 +58,12 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "resource_missing", format!("no such {what}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "resource_missing",
+            format!("no such {what}"),
+        )
     }
 
     pub fn internal() -> ApiError {
@@ -130,14 +151,18 @@ impl From<EngineError> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        let unauth = |code, msg: String| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", code, msg);
+        let unauth = |code, msg: String| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", code, msg)
+        };
         match e {
             AuthError::Signing(s) => {
                 let code = match s {
                     payrail_domain::signing::SigningError::Missing => "signature_missing",
                     payrail_domain::signing::SigningError::Malformed => "signature_malformed",
                     payrail_domain::signing::SigningError::BadNonce => "nonce_invalid",
-                    payrail_domain::signing::SigningError::StaleTimestamp => "timestamp_out_of_window",
+                    payrail_domain::signing::SigningError::StaleTimestamp => {
+                        "timestamp_out_of_window"
+                    }
                 };
                 unauth(code, s.to_string())
             }
@@ -146,8 +171,14 @@ impl From<AuthError> for ApiError {
                 "signature_invalid",
                 "signature does not match; see docs/signing.md for the canonical string".into(),
             ),
-            AuthError::NonceReused => unauth("nonce_reused", "this nonce was used before; use a fresh one per request".into()),
-            AuthError::BadOperatorToken => unauth("operator_token_invalid", "missing or invalid operator bearer token".into()),
+            AuthError::NonceReused => unauth(
+                "nonce_reused",
+                "this nonce was used before; use a fresh one per request".into(),
+            ),
+            AuthError::BadOperatorToken => unauth(
+                "operator_token_invalid",
+                "missing or invalid operator bearer token".into(),
+            ),
             AuthError::Store(err) => {
                 tracing::error!(error = %err, "storage error during authentication");
                 ApiError::internal()
@@ -166,16 +197,28 @@ pub fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
     let inner = e.inner();
     let msg = inner.to_string();
     // serde_json appends " at line L column C"; keep the message short and stable.
-    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    let msg = msg
+        .split(" at line ")
+        .next()
+        .unwrap_or(&msg)
+        .replace("expected i64", "expected an integer");
     if inner.is_syntax() || inner.is_eof() {
-        return ApiError::invalid("invalid_json", format!("request body is not valid JSON: {msg}"));
+        return ApiError::invalid(
+            "invalid_json",
+            format!("request body is not valid JSON: {msg}"),
+        );
     }
-    if let Some(field) = msg.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
-        return ApiError::invalid("parameter_missing", format!("{field} is required")).with_param(field);
+    if let Some(field) = msg
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        return ApiError::invalid("parameter_missing", format!("{field} is required"))
+            .with_param(field);
     }
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let field = rest.split('`').next().unwrap_or("");
-        return ApiError::invalid("parameter_unknown", format!("unknown parameter {field}")).with_param(field);
+        return ApiError::invalid("parameter_unknown", format!("unknown parameter {field}"))
+            .with_param(field);
     }
     let param = if path == "." { None } else { Some(path) };
     let err = ApiError::invalid("parameter_invalid", msg);

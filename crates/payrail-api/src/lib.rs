@@ -34,7 +34,10 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(axum::middleware::from_fn_with_state(engine.clone(), middleware::observe))
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            middleware::observe,
+        ))
         .with_state(engine)
 }
 
@@ -45,26 +48,51 @@ async fn healthz() -> impl IntoResponse {
 /// Ready when the database answers.
 async fn readyz(State(engine): State<AppState>) -> Response {
     match engine.store.get_setting("operator_token_sha256").await {
-        Ok(_) => axum::Json(serde_json::json!({"status": "ready", "database": engine.store.backend()})).into_response(),
+        Ok(_) => {
+            axum::Json(serde_json::json!({"status": "ready", "database": engine.store.backend()}))
+                .into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"status": "unavailable"}))).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"status": "unavailable"})),
+            )
+                .into_response()
         }
     }
 }
 
 async fn metrics(State(engine): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], engine.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        engine.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json")).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 async fn fallback() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "route_not_found", "no such route; see /openapi.json")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "route_not_found",
+        "no such route; see /openapi.json",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", "method not allowed on this route")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

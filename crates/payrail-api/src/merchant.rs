@@ -20,7 +20,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/payments", post(create_payment).get(list_payments))
         .route("/v1/payments/{id}", get(get_payment))
         .route("/v1/payments/{id}/close", post(close_payment))
-        .route("/v1/payments/out_trade_no/{out_trade_no}", get(get_by_out_trade_no))
+        .route(
+            "/v1/payments/out_trade_no/{out_trade_no}",
+            get(get_by_out_trade_no),
+        )
 }
 
 #[derive(Deserialize)]
@@ -38,12 +41,22 @@ struct CreatePaymentBody {
 
 fn money_error(e: MoneyError) -> ApiError {
     match e {
-        MoneyError::UnknownCurrency(_) => ApiError::invalid("currency_invalid", e.to_string()).with_param("currency"),
-        MoneyError::NotPositive | MoneyError::TooLarge(..) | MoneyError::Overflow => {
-            ApiError::invalid("amount_invalid", format!("amount must be an integer number of minor units from 1 to {}", Money::MAX_PAYMENT_MINOR))
-                .with_param("amount")
+        MoneyError::UnknownCurrency(_) => {
+            ApiError::invalid("currency_invalid", e.to_string()).with_param("currency")
         }
-        MoneyError::CurrencyMismatch(..) => ApiError::invalid("currency_invalid", e.to_string()).with_param("currency"),
+        MoneyError::NotPositive | MoneyError::TooLarge(..) | MoneyError::Overflow => {
+            ApiError::invalid(
+                "amount_invalid",
+                format!(
+                    "amount must be an integer number of minor units from 1 to {}",
+                    Money::MAX_PAYMENT_MINOR
+                ),
+            )
+            .with_param("amount")
+        }
+        MoneyError::CurrencyMismatch(..) => {
+            ApiError::invalid("currency_invalid", e.to_string()).with_param("currency")
+        }
     }
 }
 
@@ -56,7 +69,11 @@ fn validate_create(body: &[u8]) -> Result<CreatePayment, ApiError> {
         out_trade_no: OutTradeNo::parse(&b.out_trade_no)?,
         subject: Subject::parse(&b.subject)?,
         method: PaymentMethod::parse(&b.method)?,
-        expires_in: b.expires_in.map(ExpiresIn::parse).transpose()?.unwrap_or(ExpiresIn::DEFAULT),
+        expires_in: b
+            .expires_in
+            .map(ExpiresIn::parse)
+            .transpose()?
+            .unwrap_or(ExpiresIn::DEFAULT),
         notify_url: b.notify_url.as_deref().map(NotifyUrl::parse).transpose()?,
         metadata: Metadata::parse(b.metadata.unwrap_or_default())?,
     })
@@ -65,8 +82,20 @@ fn validate_create(body: &[u8]) -> Result<CreatePayment, ApiError> {
 async fn create_payment(State(engine): State<AppState>, s: Signed) -> Result<Response, ApiError> {
     let input = validate_create(&s.body)?;
     idempotent(&engine, s.mutation(), |engine, key, hash| async move {
-        let res = engine.create_payment(&s.app, input, Some(IdemRef { key: &key, request_hash: &hash })).await?;
-        Ok(Reply::ok(payment_json(&res.payment, res.next_action.as_ref())))
+        let res = engine
+            .create_payment(
+                &s.app,
+                input,
+                Some(IdemRef {
+                    key: &key,
+                    request_hash: &hash,
+                }),
+            )
+            .await?;
+        Ok(Reply::ok(payment_json(
+            &res.payment,
+            res.next_action.as_ref(),
+        )))
     })
     .await
 }
@@ -76,26 +105,43 @@ fn parse_payment_id(id: &str) -> Result<PaymentId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("payment"))
 }
 
-async fn get_payment(State(engine): State<AppState>, Path(id): Path<String>, s: Signed) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn get_payment(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    s: Signed,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     admit_read(&engine, &s).await?;
     let p = engine.get_payment(&s.app, parse_payment_id(&id)?).await?;
     Ok(axum::Json(payment_json(&p, None)))
 }
 
-async fn get_by_out_trade_no(State(engine): State<AppState>, Path(otn): Path<String>, s: Signed) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn get_by_out_trade_no(
+    State(engine): State<AppState>,
+    Path(otn): Path<String>,
+    s: Signed,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     admit_read(&engine, &s).await?;
     let otn = OutTradeNo::parse(&otn).map_err(|_| ApiError::not_found("payment"))?;
     let p = engine.get_payment_by_out_trade_no(&s.app, &otn).await?;
     Ok(axum::Json(payment_json(&p, None)))
 }
 
-async fn close_payment(State(engine): State<AppState>, Path(id): Path<String>, s: Signed) -> Result<Response, ApiError> {
+async fn close_payment(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    s: Signed,
+) -> Result<Response, ApiError> {
     if !s.body.is_empty() {
-        let _: serde_json::Map<String, serde_json::Value> = parse_json(&s.body)
-            .and_then(|m: serde_json::Map<String, serde_json::Value>| match m.keys().next() {
-                Some(k) => Err(ApiError::invalid("parameter_unknown", format!("unknown parameter {k}")).with_param(k.clone())),
+        let _: serde_json::Map<String, serde_json::Value> = parse_json(&s.body).and_then(
+            |m: serde_json::Map<String, serde_json::Value>| match m.keys().next() {
+                Some(k) => Err(ApiError::invalid(
+                    "parameter_unknown",
+                    format!("unknown parameter {k}"),
+                )
+                .with_param(k.clone())),
                 None => Ok(m),
-            })?;
+            },
+        )?;
     }
     let id = parse_payment_id(&id)?;
     idempotent(&engine, s.mutation(), |engine, _, _| async move {
@@ -117,26 +163,42 @@ fn parse_list_query(query: Option<&str>) -> Result<(u32, Option<PaymentId>), Api
                     .parse::<u32>()
                     .ok()
                     .filter(|l| (1..=payrail_engine::merchants::PAGE_LIMIT_MAX).contains(l))
-                    .ok_or_else(|| ApiError::invalid("parameter_out_of_range", "limit must be an integer from 1 to 100").with_param("limit"))?;
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "parameter_out_of_range",
+                            "limit must be an integer from 1 to 100",
+                        )
+                        .with_param("limit")
+                    })?;
             }
             "starting_after" => {
                 after = Some(v.parse::<PaymentId>().map_err(|_| {
-                    ApiError::invalid("parameter_invalid", "starting_after must be a payment id").with_param("starting_after")
+                    ApiError::invalid("parameter_invalid", "starting_after must be a payment id")
+                        .with_param("starting_after")
                 })?);
             }
             other => {
-                return Err(ApiError::invalid("parameter_unknown", format!("unknown query parameter {other}")).with_param(other.to_string()))
+                return Err(ApiError::invalid(
+                    "parameter_unknown",
+                    format!("unknown query parameter {other}"),
+                )
+                .with_param(other.to_string()))
             }
         }
     }
     Ok((limit, after))
 }
 
-async fn list_payments(State(engine): State<AppState>, s: Signed) -> Result<axum::Json<serde_json::Value>, ApiError> {
+async fn list_payments(
+    State(engine): State<AppState>,
+    s: Signed,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let query = s.path_and_query.split_once('?').map(|(_, q)| q.to_string());
     let (limit, after) = parse_list_query(query.as_deref())?;
     admit_read(&engine, &s).await?;
     let (rows, has_more) = engine.list_payments(&s.app, limit, after).await?;
     let data: Vec<_> = rows.iter().map(|p| payment_json(p, None)).collect();
-    Ok(axum::Json(json!({"object": "list", "url": "/v1/payments", "has_more": has_more, "data": data})))
+    Ok(axum::Json(
+        json!({"object": "list", "url": "/v1/payments", "has_more": has_more, "data": data}),
+    ))
 }

@@ -18,7 +18,8 @@ pub async fn observe(State(engine): State<AppState>, req: Request, next: Next) -
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     let started = Instant::now();
-    let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
     let mut response = REQUEST_ID
         .scope(request_id.clone(), next.run(req).instrument(span.clone()))
         .await;
@@ -31,7 +32,11 @@ pub async fn observe(State(engine): State<AppState>, req: Request, next: Next) -
     engine.metrics.inc(
         "payrail_http_requests_total",
         "HTTP requests by route, method and status.",
-        &[("route", &route), ("method", method.as_str()), ("status", &status_s)],
+        &[
+            ("route", &route),
+            ("method", method.as_str()),
+            ("status", &status_s),
+        ],
     );
     engine.metrics.observe_us(
         "payrail_http_request_duration_seconds",

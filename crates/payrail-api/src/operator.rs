@@ -17,11 +17,17 @@ use serde_json::{json, Value};
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/operator/merchants", post(create_merchant).get(list_merchants))
+        .route(
+            "/v1/operator/merchants",
+            post(create_merchant).get(list_merchants),
+        )
         .route("/v1/operator/merchants/{id}", get(get_merchant))
         .route("/v1/operator/merchants/{id}/freeze", post(freeze))
         .route("/v1/operator/merchants/{id}/unfreeze", post(unfreeze))
-        .route("/v1/operator/merchants/{id}/apps", post(create_app).get(list_apps))
+        .route(
+            "/v1/operator/merchants/{id}/apps",
+            post(create_app).get(list_apps),
+        )
         .route("/v1/operator/payments/{id}", get(get_payment))
         .route("/v1/operator/payments/{id}/requery", post(requery))
         .route("/v1/operator/alerts", get(list_alerts))
@@ -41,16 +47,26 @@ fn no_body(body: &[u8]) -> Result<(), ApiError> {
     if body.is_empty() || body == b"{}" {
         Ok(())
     } else {
-        Err(ApiError::invalid("parameter_unknown", "this endpoint takes no parameters"))
+        Err(ApiError::invalid(
+            "parameter_unknown",
+            "this endpoint takes no parameters",
+        ))
     }
 }
 
-async fn create_merchant(State(engine): State<AppState>, op: Operator) -> Result<Response, ApiError> {
+async fn create_merchant(
+    State(engine): State<AppState>,
+    op: Operator,
+) -> Result<Response, ApiError> {
     let b: NameBody = parse_json(&op.body)?;
     let name = MerchantName::parse(&b.name)?;
     idempotent(&engine, op.mutation(), |engine, _, _| async move {
         let m = engine.create_merchant(name).await?;
-        Ok(Reply { status: StatusCode::CREATED, body: merchant_json(&m), stored_body: None })
+        Ok(Reply {
+            status: StatusCode::CREATED,
+            body: merchant_json(&m),
+            stored_body: None,
+        })
     })
     .await
 }
@@ -62,29 +78,55 @@ struct ListQuery {
     starting_after: Option<String>,
 }
 
-async fn list_merchants(State(engine): State<AppState>, _: OperatorAuth, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+async fn list_merchants(
+    State(engine): State<AppState>,
+    _: OperatorAuth,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.unwrap_or(10);
     if !(1..=payrail_engine::merchants::PAGE_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::invalid("parameter_out_of_range", "limit must be an integer from 1 to 100").with_param("limit"));
+        return Err(ApiError::invalid(
+            "parameter_out_of_range",
+            "limit must be an integer from 1 to 100",
+        )
+        .with_param("limit"));
     }
     let after = q
         .starting_after
         .map(|s| s.parse::<MerchantId>())
         .transpose()
-        .map_err(|_| ApiError::invalid("parameter_invalid", "starting_after must be a merchant id").with_param("starting_after"))?;
-    let mut rows = engine.store.list_merchants(limit + 1, after).await.map_err(payrail_engine::EngineError::from)?;
+        .map_err(|_| {
+            ApiError::invalid("parameter_invalid", "starting_after must be a merchant id")
+                .with_param("starting_after")
+        })?;
+    let mut rows = engine
+        .store
+        .list_merchants(limit + 1, after)
+        .await
+        .map_err(payrail_engine::EngineError::from)?;
     let has_more = rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let data: Vec<Value> = rows.iter().map(merchant_json).collect();
-    Ok(Json(json!({"object": "list", "url": "/v1/operator/merchants", "has_more": has_more, "data": data})))
+    Ok(Json(
+        json!({"object": "list", "url": "/v1/operator/merchants", "has_more": has_more, "data": data}),
+    ))
 }
 
-async fn get_merchant(State(engine): State<AppState>, _: OperatorAuth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_merchant(
+    State(engine): State<AppState>,
+    _: OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let m = engine.get_merchant(merchant_id(&id)?).await?;
     Ok(Json(merchant_json(&m)))
 }
 
-async fn set_status(engine: AppState, op: Operator, id: String, status: MerchantStatus) -> Result<Response, ApiError> {
+async fn set_status(
+    engine: AppState,
+    op: Operator,
+    id: String,
+    status: MerchantStatus,
+) -> Result<Response, ApiError> {
     no_body(&op.body)?;
     let id = merchant_id(&id)?;
     idempotent(&engine, op.mutation(), |engine, _, _| async move {
@@ -94,15 +136,27 @@ async fn set_status(engine: AppState, op: Operator, id: String, status: Merchant
     .await
 }
 
-async fn freeze(State(engine): State<AppState>, Path(id): Path<String>, op: Operator) -> Result<Response, ApiError> {
+async fn freeze(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    op: Operator,
+) -> Result<Response, ApiError> {
     set_status(engine, op, id, MerchantStatus::Frozen).await
 }
 
-async fn unfreeze(State(engine): State<AppState>, Path(id): Path<String>, op: Operator) -> Result<Response, ApiError> {
+async fn unfreeze(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    op: Operator,
+) -> Result<Response, ApiError> {
     set_status(engine, op, id, MerchantStatus::Active).await
 }
 
-async fn create_app(State(engine): State<AppState>, Path(id): Path<String>, op: Operator) -> Result<Response, ApiError> {
+async fn create_app(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    op: Operator,
+) -> Result<Response, ApiError> {
     let b: NameBody = parse_json(&op.body)?;
     let name = MerchantName::parse(&b.name)?;
     let id = merchant_id(&id)?;
@@ -129,25 +183,48 @@ async fn create_app(State(engine): State<AppState>, Path(id): Path<String>, op: 
     .await
 }
 
-async fn list_apps(State(engine): State<AppState>, _: OperatorAuth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn list_apps(
+    State(engine): State<AppState>,
+    _: OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = merchant_id(&id)?;
     engine.get_merchant(id).await?;
-    let apps = engine.store.list_apps(id).await.map_err(payrail_engine::EngineError::from)?;
+    let apps = engine
+        .store
+        .list_apps(id)
+        .await
+        .map_err(payrail_engine::EngineError::from)?;
     let data: Vec<Value> = apps
         .iter()
         .map(|a| json!({"id": a.id, "object": "app", "merchant_id": a.merchant_id, "name": a.name, "key_id": a.key_id, "created": a.created_at_ms / 1000}))
         .collect();
-    Ok(Json(json!({"object": "list", "has_more": false, "data": data})))
+    Ok(Json(
+        json!({"object": "list", "has_more": false, "data": data}),
+    ))
 }
 
 fn payment_id(id: &str) -> Result<PaymentId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("payment"))
 }
 
-async fn get_payment(State(engine): State<AppState>, _: OperatorAuth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_payment(
+    State(engine): State<AppState>,
+    _: OperatorAuth,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = payment_id(&id)?;
-    let p = engine.store.get_payment_any(id).await.map_err(payrail_engine::EngineError::from)?.ok_or(ApiError::not_found("payment"))?;
-    let attempts = engine.store.get_attempts(id).await.map_err(payrail_engine::EngineError::from)?;
+    let p = engine
+        .store
+        .get_payment_any(id)
+        .await
+        .map_err(payrail_engine::EngineError::from)?
+        .ok_or(ApiError::not_found("payment"))?;
+    let attempts = engine
+        .store
+        .get_attempts(id)
+        .await
+        .map_err(payrail_engine::EngineError::from)?;
     let mut v = payment_json(&p, None);
     v["attempts"] = attempts
         .iter()
@@ -161,7 +238,11 @@ async fn get_payment(State(engine): State<AppState>, _: OperatorAuth, Path(id): 
     Ok(Json(v))
 }
 
-async fn requery(State(engine): State<AppState>, Path(id): Path<String>, op: Operator) -> Result<Response, ApiError> {
+async fn requery(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+    op: Operator,
+) -> Result<Response, ApiError> {
     no_body(&op.body)?;
     let id = payment_id(&id)?;
     idempotent(&engine, op.mutation(), |engine, _, _| async move {
@@ -171,11 +252,20 @@ async fn requery(State(engine): State<AppState>, Path(id): Path<String>, op: Ope
     .await
 }
 
-async fn list_alerts(State(engine): State<AppState>, _: OperatorAuth) -> Result<Json<Value>, ApiError> {
-    let alerts = engine.store.list_alerts(100).await.map_err(payrail_engine::EngineError::from)?;
+async fn list_alerts(
+    State(engine): State<AppState>,
+    _: OperatorAuth,
+) -> Result<Json<Value>, ApiError> {
+    let alerts = engine
+        .store
+        .list_alerts(100)
+        .await
+        .map_err(payrail_engine::EngineError::from)?;
     let data: Vec<Value> = alerts
         .iter()
         .map(|a| json!({"kind": a.kind, "subject_id": a.subject_id, "detail": a.detail, "created": a.created_at_ms / 1000}))
         .collect();
-    Ok(Json(json!({"object": "list", "has_more": false, "data": data})))
+    Ok(Json(
+        json!({"object": "list", "has_more": false, "data": data}),
+    ))
 }

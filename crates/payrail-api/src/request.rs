@@ -33,7 +33,12 @@ fn check_json_content_type(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiEr
         return Ok(());
     }
     let ct = header_str(headers, header::CONTENT_TYPE.as_str()).unwrap_or("");
-    if ct.split(';').next().map(str::trim).is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+    if ct
+        .split(';')
+        .next()
+        .map(str::trim)
+        .is_some_and(|m| m.eq_ignore_ascii_case("application/json"))
+    {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -65,9 +70,18 @@ impl FromRequest<AppState> for Signed {
 
     async fn from_request(req: Request, engine: &AppState) -> Result<Self, Self::Rejection> {
         let (parts, body) = read_body(req).await?;
-        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
         let (app, signed) = engine
-            .verify_signature(header_str(&parts.headers, "authorization"), parts.method.as_str(), &path_and_query, &body)
+            .verify_signature(
+                header_str(&parts.headers, "authorization"),
+                parts.method.as_str(),
+                &path_and_query,
+                &body,
+            )
             .await?;
         check_json_content_type(&parts.headers, &body)?;
         Ok(Signed {
@@ -94,10 +108,16 @@ impl FromRequest<AppState> for Operator {
 
     async fn from_request(req: Request, engine: &AppState) -> Result<Self, Self::Rejection> {
         let (parts, body) = read_body(req).await?;
-        engine.verify_operator(header_str(&parts.headers, "authorization")).await?;
+        engine
+            .verify_operator(header_str(&parts.headers, "authorization"))
+            .await?;
         check_json_content_type(&parts.headers, &body)?;
         Ok(Operator {
-            path_and_query: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
             method: parts.method,
             idempotency_key: header_str(&parts.headers, "idempotency-key").map(str::to_string),
             body,
@@ -111,8 +131,13 @@ pub struct OperatorAuth;
 impl FromRequestParts<AppState> for OperatorAuth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, engine: &AppState) -> Result<Self, Self::Rejection> {
-        engine.verify_operator(header_str(&parts.headers, "authorization")).await?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        engine: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        engine
+            .verify_operator(header_str(&parts.headers, "authorization"))
+            .await?;
         Ok(OperatorAuth)
     }
 }
@@ -120,7 +145,10 @@ impl FromRequestParts<AppState> for OperatorAuth {
 /// Decodes a JSON body strictly: unknown fields and wrong types are 400s naming the parameter.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::invalid("invalid_json", "request body is empty; send a JSON object"));
+        return Err(ApiError::invalid(
+            "invalid_json",
+            "request body is empty; send a JSON object",
+        ));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
     let v = serde_path_to_error::deserialize(de).map_err(json_error)?;
@@ -138,14 +166,19 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(body: serde_json::Value) -> Reply {
-        Reply { status: StatusCode::OK, body, stored_body: None }
+        Reply {
+            status: StatusCode::OK,
+            body,
+            stored_body: None,
+        }
     }
 }
 
 fn json_response(status: StatusCode, body: String, replayed: bool) -> Response {
     let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     if replayed {
-        r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     r
 }
@@ -199,10 +232,20 @@ where
     F: FnOnce(AppState, String, String) -> Fut,
     Fut: std::future::Future<Output = Result<Reply, ApiError>>,
 {
-    let Mutation { scope, nonce, method, path_and_query, key, body } = m;
+    let Mutation {
+        scope,
+        nonce,
+        method,
+        path_and_query,
+        key,
+        body,
+    } = m;
     let key = key.as_deref().ok_or_else(|| {
-        ApiError::invalid("idempotency_key_missing", "every POST needs an Idempotency-Key header (a UUID is a good choice)")
-            .with_param("Idempotency-Key")
+        ApiError::invalid(
+            "idempotency_key_missing",
+            "every POST needs an Idempotency-Key header (a UUID is a good choice)",
+        )
+        .with_param("Idempotency-Key")
     })?;
     let key = IdempotencyKey::parse(key)?;
     let hash = request_hash(method.as_str(), &path_and_query, &body);
@@ -218,7 +261,12 @@ where
             stale_after_ms: engine.config.idempotency_stale_ms,
         }),
     };
-    let state = match engine.store.admit(&admission).await.map_err(payrail_engine::EngineError::from)? {
+    let state = match engine
+        .store
+        .admit(&admission)
+        .await
+        .map_err(payrail_engine::EngineError::from)?
+    {
         AdmissionOutcome::NonceReused => return Err(AuthError::NonceReused.into()),
         AdmissionOutcome::Admitted(state) => state.unwrap_or(IdempotencyState::New),
     };
@@ -250,7 +298,10 @@ where
     let (status, text, stored) = match f(engine.clone(), key.as_str().to_string(), hash).await {
         Ok(reply) => {
             let text = reply.body.to_string();
-            let stored = reply.stored_body.map(|b| b.to_string()).unwrap_or_else(|| text.clone());
+            let stored = reply
+                .stored_body
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| text.clone());
             (reply.status, text, stored)
         }
         Err(e) => {
@@ -261,7 +312,16 @@ where
     let save = if status.is_server_error() {
         engine.store.release_idempotency(&scope, key.as_str()).await
     } else {
-        engine.store.complete_idempotency(&scope, key.as_str(), status.as_u16(), &stored, engine.now_ms()).await
+        engine
+            .store
+            .complete_idempotency(
+                &scope,
+                key.as_str(),
+                status.as_u16(),
+                &stored,
+                engine.now_ms(),
+            )
+            .await
     };
     if let Err(e) = save {
         // The work is done and durable; only the replay record is missing. A retry will find
@@ -273,8 +333,17 @@ where
 
 /// Claims the nonce of a signed read request.
 pub async fn admit_read(engine: &AppState, s: &Signed) -> Result<(), ApiError> {
-    let admission = Admission { now_ms: engine.now_ms(), nonce: Some(nonce_claim(s)), idempotency: None };
-    match engine.store.admit(&admission).await.map_err(payrail_engine::EngineError::from)? {
+    let admission = Admission {
+        now_ms: engine.now_ms(),
+        nonce: Some(nonce_claim(s)),
+        idempotency: None,
+    };
+    match engine
+        .store
+        .admit(&admission)
+        .await
+        .map_err(payrail_engine::EngineError::from)?
+    {
         AdmissionOutcome::NonceReused => Err(AuthError::NonceReused.into()),
         AdmissionOutcome::Admitted(_) => Ok(()),
     }
@@ -286,6 +355,10 @@ pub fn nonce_claim(s: &Signed) -> NonceClaim {
     NonceClaim {
         key_id: s.signed.key_id.clone(),
         nonce: s.signed.nonce.clone(),
-        expires_at_ms: s.signed.timestamp.saturating_add(TIMESTAMP_WINDOW_S + 60).saturating_mul(1000),
+        expires_at_ms: s
+            .signed
+            .timestamp
+            .saturating_add(TIMESTAMP_WINDOW_S + 60)
+            .saturating_mul(1000),
     }
 }

@@ -53,7 +53,10 @@ fn script(amount: Money) -> Script {
 
 impl Sandbox {
     pub fn new(clock: Arc<dyn Clock>) -> Sandbox {
-        Sandbox { clock, hang: Duration::from_secs(120) }
+        Sandbox {
+            clock,
+            hang: Duration::from_secs(120),
+        }
     }
 
     fn trade_no(attempt: &AttemptId) -> String {
@@ -71,21 +74,29 @@ impl Sandbox {
     fn status_now(&self, req: &QueryRequest) -> ChannelOutcome {
         let now = self.clock.now_ms();
         let settled_at = req.submitted_at_ms.saturating_add(PENDING_MS);
-        let open = ChannelOutcome::Processing { channel_trade_no: Some(Self::trade_no(&req.attempt_id)) };
+        let open = ChannelOutcome::Processing {
+            channel_trade_no: Some(Self::trade_no(&req.attempt_id)),
+        };
         match script(req.amount) {
-            Script::Succeed | Script::HangThenSucceeded => self.paid(&req.attempt_id, req.submitted_at_ms),
+            Script::Succeed | Script::HangThenSucceeded => {
+                self.paid(&req.attempt_id, req.submitted_at_ms)
+            }
             Script::Decline => ChannelOutcome::Failed {
                 code: "insufficient_funds".into(),
                 message: "sandbox: the payer's balance is insufficient".into(),
             },
-            Script::PendingThenSucceed if now >= settled_at => self.paid(&req.attempt_id, settled_at),
+            Script::PendingThenSucceed if now >= settled_at => {
+                self.paid(&req.attempt_id, settled_at)
+            }
             Script::PendingThenSucceed | Script::NeverPaid => open,
             Script::PendingThenFail if now >= settled_at => ChannelOutcome::Failed {
                 code: "payer_cancelled".into(),
                 message: "sandbox: the payer cancelled in the wallet".into(),
             },
             Script::PendingThenFail => open,
-            Script::ServerErrorThenNotFound if now >= settled_at => self.paid(&req.attempt_id, settled_at),
+            Script::ServerErrorThenNotFound if now >= settled_at => {
+                self.paid(&req.attempt_id, settled_at)
+            }
             Script::ServerErrorThenNotFound => ChannelOutcome::unknown("sandbox: ORDER_NOT_EXIST"),
         }
     }
@@ -117,9 +128,14 @@ impl Connector for Sandbox {
             _ => self.status_now(&q),
         };
         let next_action = matches!(outcome, ChannelOutcome::Processing { .. }).then(|| {
-            NextAction::DisplayQrCode { code_url: format!("sandbox://pay/{}", req.attempt_id) }
+            NextAction::DisplayQrCode {
+                code_url: format!("sandbox://pay/{}", req.attempt_id),
+            }
         });
-        SubmitResponse { outcome, next_action }
+        SubmitResponse {
+            outcome,
+            next_action,
+        }
     }
 
     async fn query(&self, req: &QueryRequest) -> ChannelOutcome {

@@ -26,7 +26,10 @@ pub struct Answer {
 impl Answer {
     /// `error.code` of an error answer.
     pub fn error_code(&self) -> Option<&str> {
-        self.body.get("error").and_then(|e| e.get("code")).and_then(Value::as_str)
+        self.body
+            .get("error")
+            .and_then(|e| e.get("code"))
+            .and_then(Value::as_str)
     }
 }
 
@@ -38,7 +41,11 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials {{ key_id: {}, secret: [REDACTED] }}", self.key_id)
+        write!(
+            f,
+            "Credentials {{ key_id: {}, secret: [REDACTED] }}",
+            self.key_id
+        )
     }
 }
 
@@ -55,7 +62,10 @@ pub fn nonce() -> String {
 }
 
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl PayrailClient {
@@ -65,7 +75,10 @@ impl PayrailClient {
             .pool_max_idle_per_host(1024)
             .build()
             .unwrap_or_default();
-        PayrailClient { http, base_url: base_url.trim_end_matches('/').to_string() }
+        PayrailClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -75,11 +88,21 @@ impl PayrailClient {
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Answer, ClientError> {
         let resp = rb.send().await?;
         let status = resp.status().as_u16();
-        let request_id = resp.headers().get("request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let request_id = resp
+            .headers()
+            .get("request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let replayed = resp.headers().get("idempotent-replayed").is_some();
         let bytes = resp.bytes().await?;
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok(Answer { status, request_id, replayed, body })
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok(Answer {
+            status,
+            request_id,
+            replayed,
+            body,
+        })
     }
 
     /// A signed merchant request. `path` includes any query string. `body` is sent verbatim.
@@ -101,7 +124,8 @@ impl PayrailClient {
             &nonce(),
             body.as_bytes(),
         );
-        self.signed_raw(method, path, body, &auth, idempotency_key).await
+        self.signed_raw(method, path, body, &auth, idempotency_key)
+            .await
     }
 
     /// Sends a request with a ready-made Authorization header (tests of the signature checks).
@@ -113,9 +137,14 @@ impl PayrailClient {
         authorization: &str,
         idempotency_key: Option<&str>,
     ) -> Result<Answer, ClientError> {
-        let mut rb = self.http.request(method, format!("{}{path}", self.base_url)).header("authorization", authorization);
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .header("authorization", authorization);
         if !body.is_empty() {
-            rb = rb.header("content-type", "application/json").body(body.to_string());
+            rb = rb
+                .header("content-type", "application/json")
+                .body(body.to_string());
         }
         if let Some(k) = idempotency_key {
             rb = rb.header("idempotency-key", k);
@@ -131,9 +160,14 @@ impl PayrailClient {
         body: Option<&Value>,
         idempotency_key: Option<&str>,
     ) -> Result<Answer, ClientError> {
-        let mut rb = self.http.request(method, format!("{}{path}", self.base_url)).bearer_auth(token);
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(token);
         if let Some(b) = body {
-            rb = rb.header("content-type", "application/json").body(b.to_string());
+            rb = rb
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         if let Some(k) = idempotency_key {
             rb = rb.header("idempotency-key", k);
@@ -142,19 +176,36 @@ impl PayrailClient {
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, String), ClientError> {
-        let resp = self.http.get(format!("{}{path}", self.base_url)).send().await?;
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await?;
         let status = resp.status().as_u16();
         Ok((status, resp.text().await?))
     }
 
     /// Creates a merchant and an app through the operator API; returns the merchant id and the
     /// app's credentials.
-    pub async fn onboard(&self, operator_token: &str, name: &str) -> Result<(String, Credentials), String> {
+    pub async fn onboard(
+        &self,
+        operator_token: &str,
+        name: &str,
+    ) -> Result<(String, Credentials), String> {
         let m = self
-            .operator(operator_token, Method::POST, "/v1/operator/merchants", Some(&serde_json::json!({"name": name})), Some(&nonce()))
+            .operator(
+                operator_token,
+                Method::POST,
+                "/v1/operator/merchants",
+                Some(&serde_json::json!({"name": name})),
+                Some(&nonce()),
+            )
             .await
             .map_err(|e| e.to_string())?;
-        let merchant_id = m.body["id"].as_str().ok_or_else(|| format!("create merchant: HTTP {} {}", m.status, m.body))?.to_string();
+        let merchant_id = m.body["id"]
+            .as_str()
+            .ok_or_else(|| format!("create merchant: HTTP {} {}", m.status, m.body))?
+            .to_string();
         let a = self
             .operator(
                 operator_token,
@@ -165,8 +216,18 @@ impl PayrailClient {
             )
             .await
             .map_err(|e| e.to_string())?;
-        let key_id = a.body["key_id"].as_str().ok_or_else(|| format!("create app: HTTP {} {}", a.status, a.body))?;
-        let secret = a.body["secret"].as_str().ok_or("create app: no secret in response")?;
-        Ok((merchant_id, Credentials { key_id: key_id.to_string(), secret: secret.to_string() }))
+        let key_id = a.body["key_id"]
+            .as_str()
+            .ok_or_else(|| format!("create app: HTTP {} {}", a.status, a.body))?;
+        let secret = a.body["secret"]
+            .as_str()
+            .ok_or("create app: no secret in response")?;
+        Ok((
+            merchant_id,
+            Credentials {
+                key_id: key_id.to_string(),
+                secret: secret.to_string(),
+            },
+        ))
     }
 }

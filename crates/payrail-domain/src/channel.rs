@@ -8,7 +8,10 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelOutcome {
     /// The channel confirms the money was taken.
-    Succeeded { channel_trade_no: Option<String>, paid_at_ms: Option<i64> },
+    Succeeded {
+        channel_trade_no: Option<String>,
+        paid_at_ms: Option<i64>,
+    },
     /// The channel definitely rejected the payment; no money moved.
     Failed { code: String, message: String },
     /// The channel has the order and it is still open (QR not yet scanned, USERPAYING, …).
@@ -23,7 +26,9 @@ pub enum ChannelOutcome {
 
 impl ChannelOutcome {
     pub fn unknown(reason: impl Into<String>) -> ChannelOutcome {
-        ChannelOutcome::Unknown { reason: reason.into() }
+        ChannelOutcome::Unknown {
+            reason: reason.into(),
+        }
     }
 
     /// True when the outcome ends the attempt.

@@ -54,24 +54,31 @@ pub enum IdError {
 impl<K: IdKind> Id<K> {
     /// Builds an id from a Unix time in milliseconds and 10 random bytes.
     pub fn generate(unix_ms: u64, random: [u8; 10]) -> Id<K> {
-        let mut value: u128 = u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80;
-        for (i, b) in random.iter().enumerate() {
-            // i < 10, so the shift is at most 72 bits.
-            value |= u128::from(*b) << (72 - 8 * i as u32);
+        let mut value: u128 = 0;
+        // Big-endian: the first random byte lands in bits 72..80, the last in bits 0..8.
+        for b in random.iter() {
+            value = (value << 8) | u128::from(*b);
         }
+        value |= u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80;
         let mut body = [0u8; BODY_LEN];
-        for (i, slot) in body.iter_mut().enumerate().rev() {
-            let shift = 5 * (BODY_LEN - 1 - i) as u32;
-            *slot = ALPHABET[((value >> shift) & 0x1F) as usize];
+        // Fill from the last character (least significant 5 bits) to the first.
+        for slot in body.iter_mut().rev() {
+            *slot = ALPHABET[(value & 0x1F) as usize];
+            value >>= 5;
         }
-        Id { body, kind: PhantomData }
+        Id {
+            body,
+            kind: PhantomData,
+        }
     }
 
     pub fn parse(s: &str) -> Result<Id<K>, IdError> {
         let rest = s
             .strip_prefix(K::PREFIX)
             .and_then(|r| r.strip_prefix('_'))
-            .ok_or(IdError::WrongPrefix { expected: K::PREFIX })?;
+            .ok_or(IdError::WrongPrefix {
+                expected: K::PREFIX,
+            })?;
         let bytes = rest.as_bytes();
         if bytes.len() != BODY_LEN || !bytes.iter().all(|b| ALPHABET.contains(b)) {
             return Err(IdError::Malformed);
@@ -82,7 +89,10 @@ impl<K: IdKind> Id<K> {
         }
         let mut body = [0u8; BODY_LEN];
         body.copy_from_slice(bytes);
-        Ok(Id { body, kind: PhantomData })
+        Ok(Id {
+            body,
+            kind: PhantomData,
+        })
     }
 
     /// Milliseconds since the Unix epoch at which the id was generated.
@@ -181,7 +191,14 @@ mod tests {
     fn rejects_wrong_prefix_and_garbage() {
         let pay = PaymentId::generate(1, [0; 10]).to_string();
         assert!(MerchantId::parse(&pay).is_err());
-        for bad in ["", "pay_", "pay", "pay_01", "pay_ILOU0000000000000000000000", "pay_8ZZZZZZZZZZZZZZZZZZZZZZZZZ"] {
+        for bad in [
+            "",
+            "pay_",
+            "pay",
+            "pay_01",
+            "pay_ILOU0000000000000000000000",
+            "pay_8ZZZZZZZZZZZZZZZZZZZZZZZZZ",
+        ] {
             assert!(PaymentId::parse(bad).is_err(), "{bad}");
         }
     }

@@ -16,7 +16,11 @@ pub struct InputError {
 
 impl InputError {
     pub fn new(param: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        InputError { param, code, message: message.into() }
+        InputError {
+            param,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -29,10 +33,18 @@ impl fmt::Display for InputError {
 fn check_len(param: &'static str, s: &str, min: usize, max: usize) -> Result<(), InputError> {
     let n = s.chars().count();
     if n < min {
-        return Err(InputError::new(param, "parameter_missing", format!("{param} must not be empty")));
+        return Err(InputError::new(
+            param,
+            "parameter_missing",
+            format!("{param} must not be empty"),
+        ));
     }
     if n > max {
-        return Err(InputError::new(param, "parameter_too_long", format!("{param} must be at most {max} characters")));
+        return Err(InputError::new(
+            param,
+            "parameter_too_long",
+            format!("{param} must be at most {max} characters"),
+        ));
     }
     Ok(())
 }
@@ -80,8 +92,15 @@ impl OutTradeNo {
     pub const MAX_LEN: usize = 64;
     pub fn parse(s: &str) -> Result<Self, InputError> {
         check_len("out_trade_no", s, 1, Self::MAX_LEN)?;
-        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-|*.".contains(&b)) {
-            return Err(InputError::new("out_trade_no", "parameter_invalid", "out_trade_no may contain only letters, digits and _ - | * ."));
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-|*.".contains(&b))
+        {
+            return Err(InputError::new(
+                "out_trade_no",
+                "parameter_invalid",
+                "out_trade_no may contain only letters, digits and _ - | * .",
+            ));
         }
         Ok(OutTradeNo(s.to_string()))
     }
@@ -89,10 +108,18 @@ impl OutTradeNo {
 
 fn no_control(param: &'static str, s: &str) -> Result<(), InputError> {
     if s.chars().any(char::is_control) {
-        return Err(InputError::new(param, "parameter_invalid", format!("{param} must not contain control characters")));
+        return Err(InputError::new(
+            param,
+            "parameter_invalid",
+            format!("{param} must not contain control characters"),
+        ));
     }
     if s.trim().is_empty() {
-        return Err(InputError::new(param, "parameter_missing", format!("{param} must not be blank")));
+        return Err(InputError::new(
+            param,
+            "parameter_missing",
+            format!("{param} must not be blank"),
+        ));
     }
     Ok(())
 }
@@ -122,10 +149,20 @@ impl NotifyUrl {
         let rest = s
             .strip_prefix("https://")
             .or_else(|| s.strip_prefix("http://"))
-            .ok_or_else(|| InputError::new("notify_url", "parameter_invalid", "notify_url must be an http:// or https:// URL"))?;
+            .ok_or_else(|| {
+                InputError::new(
+                    "notify_url",
+                    "parameter_invalid",
+                    "notify_url must be an http:// or https:// URL",
+                )
+            })?;
         let host = rest.split(['/', '?', '#']).next().unwrap_or("");
         if host.is_empty() || host.contains('@') || !s.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(InputError::new("notify_url", "parameter_invalid", "notify_url must be an absolute URL with a host and no credentials or spaces"));
+            return Err(InputError::new(
+                "notify_url",
+                "parameter_invalid",
+                "notify_url must be an absolute URL with a host and no credentials or spaces",
+            ));
         }
         Ok(NotifyUrl(s.to_string()))
     }
@@ -135,7 +172,11 @@ impl IdempotencyKey {
     pub const MAX_LEN: usize = 255;
     pub fn parse(s: &str) -> Result<Self, InputError> {
         if s.is_empty() || s.len() > Self::MAX_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(InputError::new("Idempotency-Key", "idempotency_key_invalid", "Idempotency-Key must be 1-255 printable ASCII characters"));
+            return Err(InputError::new(
+                "Idempotency-Key",
+                "idempotency_key_invalid",
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+            ));
         }
         Ok(IdempotencyKey(s.to_string()))
     }
@@ -152,14 +193,35 @@ impl Metadata {
 
     pub fn parse(map: BTreeMap<String, String>) -> Result<Self, InputError> {
         if map.len() > Self::MAX_KEYS {
-            return Err(InputError::new("metadata", "parameter_invalid", format!("metadata may have at most {} keys", Self::MAX_KEYS)));
+            return Err(InputError::new(
+                "metadata",
+                "parameter_invalid",
+                format!("metadata may have at most {} keys", Self::MAX_KEYS),
+            ));
         }
         for (k, v) in &map {
-            if k.is_empty() || k.chars().count() > Self::MAX_KEY_LEN || k.chars().any(char::is_control) {
-                return Err(InputError::new("metadata", "parameter_invalid", format!("metadata keys must be 1-{} characters without control characters", Self::MAX_KEY_LEN)));
+            if k.is_empty()
+                || k.chars().count() > Self::MAX_KEY_LEN
+                || k.chars().any(char::is_control)
+            {
+                return Err(InputError::new(
+                    "metadata",
+                    "parameter_invalid",
+                    format!(
+                        "metadata keys must be 1-{} characters without control characters",
+                        Self::MAX_KEY_LEN
+                    ),
+                ));
             }
             if v.chars().count() > Self::MAX_VALUE_LEN {
-                return Err(InputError::new("metadata", "parameter_too_long", format!("metadata values must be at most {} characters", Self::MAX_VALUE_LEN)));
+                return Err(InputError::new(
+                    "metadata",
+                    "parameter_too_long",
+                    format!(
+                        "metadata values must be at most {} characters",
+                        Self::MAX_VALUE_LEN
+                    ),
+                ));
             }
         }
         Ok(Metadata(map))
@@ -187,10 +249,18 @@ impl PaymentMethod {
     }
 
     pub fn parse(s: &str) -> Result<Self, InputError> {
-        PaymentMethod::ALL.iter().copied().find(|m| m.as_str() == s).ok_or_else(|| {
-            let known: Vec<&str> = PaymentMethod::ALL.iter().map(|m| m.as_str()).collect();
-            InputError::new("method", "parameter_invalid", format!("unknown method; known methods: {}", known.join(", ")))
-        })
+        PaymentMethod::ALL
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = PaymentMethod::ALL.iter().map(|m| m.as_str()).collect();
+                InputError::new(
+                    "method",
+                    "parameter_invalid",
+                    format!("unknown method; known methods: {}", known.join(", ")),
+                )
+            })
     }
 }
 
@@ -205,7 +275,15 @@ impl ExpiresIn {
 
     pub fn parse(seconds: i64) -> Result<Self, InputError> {
         if !(Self::MIN_S..=Self::MAX_S).contains(&seconds) {
-            return Err(InputError::new("expires_in", "parameter_out_of_range", format!("expires_in must be between {} and {} seconds", Self::MIN_S, Self::MAX_S)));
+            return Err(InputError::new(
+                "expires_in",
+                "parameter_out_of_range",
+                format!(
+                    "expires_in must be between {} and {} seconds",
+                    Self::MIN_S,
+                    Self::MAX_S
+                ),
+            ));
         }
         Ok(ExpiresIn(seconds as u32))
     }
@@ -224,7 +302,14 @@ mod tests {
         for good in ["A", "order-2024_01|x*y.z", &"9".repeat(64)] {
             assert!(OutTradeNo::parse(good).is_ok(), "{good}");
         }
-        for bad in ["", "has space", "中文", &"9".repeat(65), "semi;colon", "a\nb"] {
+        for bad in [
+            "",
+            "has space",
+            "中文",
+            &"9".repeat(65),
+            "semi;colon",
+            "a\nb",
+        ] {
             assert!(OutTradeNo::parse(bad).is_err(), "{bad}");
         }
     }
@@ -233,7 +318,10 @@ mod tests {
     fn subject_rules() {
         assert!(Subject::parse("咖啡 x2").is_ok());
         assert!(Subject::parse(&"字".repeat(128)).is_ok());
-        assert_eq!(Subject::parse(&"字".repeat(129)).unwrap_err().code, "parameter_too_long");
+        assert_eq!(
+            Subject::parse(&"字".repeat(129)).unwrap_err().code,
+            "parameter_too_long"
+        );
         assert!(Subject::parse("").is_err());
         assert!(Subject::parse("   ").is_err());
         assert!(Subject::parse("a\u{0}b").is_err());
@@ -243,7 +331,14 @@ mod tests {
     fn notify_url_rules() {
         assert!(NotifyUrl::parse("https://shop.example/notify?x=1").is_ok());
         assert!(NotifyUrl::parse("http://127.0.0.1:9000/hook").is_ok());
-        for bad in ["ftp://x", "https://", "https://user:pw@host/", "https://a b", "notaurl", &format!("https://h/{}", "a".repeat(600))] {
+        for bad in [
+            "ftp://x",
+            "https://",
+            "https://user:pw@host/",
+            "https://a b",
+            "notaurl",
+            &format!("https://h/{}", "a".repeat(600)),
+        ] {
             assert!(NotifyUrl::parse(bad).is_err(), "{bad}");
         }
     }

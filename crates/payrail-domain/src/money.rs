@@ -15,18 +15,62 @@ pub struct Currency {
 /// ISO-4217 alphabetic code and the number of minor-unit digits. Currencies without a fixed
 /// exponent (funds, precious metals, XXX/XTS) are deliberately absent.
 const CURRENCIES: &[(&str, u8)] = &[
-    ("AED", 2), ("AUD", 2), ("BHD", 3), ("BRL", 2), ("CAD", 2), ("CHF", 2), ("CLP", 0),
-    ("CNY", 2), ("CZK", 2), ("DKK", 2), ("EUR", 2), ("GBP", 2), ("HKD", 2), ("HUF", 2),
-    ("IDR", 2), ("ILS", 2), ("INR", 2), ("ISK", 0), ("JOD", 3), ("JPY", 0), ("KRW", 0),
-    ("KWD", 3), ("MOP", 2), ("MXN", 2), ("MYR", 2), ("NOK", 2), ("NZD", 2), ("OMR", 3),
-    ("PHP", 2), ("PLN", 2), ("RUB", 2), ("SAR", 2), ("SEK", 2), ("SGD", 2), ("THB", 2),
-    ("TND", 3), ("TRY", 2), ("TWD", 2), ("USD", 2), ("VND", 0), ("ZAR", 2),
+    ("AED", 2),
+    ("AUD", 2),
+    ("BHD", 3),
+    ("BRL", 2),
+    ("CAD", 2),
+    ("CHF", 2),
+    ("CLP", 0),
+    ("CNY", 2),
+    ("CZK", 2),
+    ("DKK", 2),
+    ("EUR", 2),
+    ("GBP", 2),
+    ("HKD", 2),
+    ("HUF", 2),
+    ("IDR", 2),
+    ("ILS", 2),
+    ("INR", 2),
+    ("ISK", 0),
+    ("JOD", 3),
+    ("JPY", 0),
+    ("KRW", 0),
+    ("KWD", 3),
+    ("MOP", 2),
+    ("MXN", 2),
+    ("MYR", 2),
+    ("NOK", 2),
+    ("NZD", 2),
+    ("OMR", 3),
+    ("PHP", 2),
+    ("PLN", 2),
+    ("RUB", 2),
+    ("SAR", 2),
+    ("SEK", 2),
+    ("SGD", 2),
+    ("THB", 2),
+    ("TND", 3),
+    ("TRY", 2),
+    ("TWD", 2),
+    ("USD", 2),
+    ("VND", 0),
+    ("ZAR", 2),
 ];
 
 impl Currency {
-    pub const CNY: Currency = Currency { code: *b"CNY", exponent: 2 };
-    pub const USD: Currency = Currency { code: *b"USD", exponent: 2 };
-    pub const JPY: Currency = Currency { code: *b"JPY", exponent: 0 };
+    pub const CNY: Currency = Currency {
+        code: *b"CNY",
+        exponent: 2,
+    };
+    pub const USD: Currency = Currency {
+        code: *b"USD",
+        exponent: 2,
+    };
+    pub const JPY: Currency = Currency {
+        code: *b"JPY",
+        exponent: 0,
+    };
 
     /// Parses an upper-case ISO-4217 code. Lower case is rejected rather than guessed at, so a
     /// merchant sees the same spelling in requests, responses and bills.
@@ -36,7 +80,10 @@ impl Currency {
             .find(|(c, _)| *c == code)
             .map(|(c, exponent)| {
                 let b = c.as_bytes();
-                Currency { code: [b[0], b[1], b[2]], exponent: *exponent }
+                Currency {
+                    code: [b[0], b[1], b[2]],
+                    exponent: *exponent,
+                }
             })
             .ok_or_else(|| MoneyError::UnknownCurrency(code.chars().take(8).collect()))
     }
@@ -52,7 +99,9 @@ impl Currency {
     }
 
     pub fn all() -> impl Iterator<Item = Currency> {
-        CURRENCIES.iter().filter_map(|(c, _)| Currency::parse(c).ok())
+        CURRENCIES
+            .iter()
+            .filter_map(|(c, _)| Currency::parse(c).ok())
     }
 }
 
@@ -96,11 +145,17 @@ impl Money {
     pub const MAX_PAYMENT_MINOR: i64 = 1_000_000_000_000;
 
     pub const fn new(amount_minor: i64, currency: Currency) -> Money {
-        Money { amount_minor, currency }
+        Money {
+            amount_minor,
+            currency,
+        }
     }
 
     pub fn zero(currency: Currency) -> Money {
-        Money { amount_minor: 0, currency }
+        Money {
+            amount_minor: 0,
+            currency,
+        }
     }
 
     /// A payment amount: strictly positive and at most [`Money::MAX_PAYMENT_MINOR`].
@@ -111,7 +166,10 @@ impl Money {
         if amount_minor > Self::MAX_PAYMENT_MINOR {
             return Err(MoneyError::TooLarge(amount_minor, Self::MAX_PAYMENT_MINOR));
         }
-        Ok(Money { amount_minor, currency })
+        Ok(Money {
+            amount_minor,
+            currency,
+        })
     }
 
     pub fn amount_minor(&self) -> i64 {
@@ -128,21 +186,37 @@ impl Money {
 
     pub fn checked_add(self, other: Money) -> Result<Money, MoneyError> {
         self.same_currency(other)?;
-        let amount_minor =
-            self.amount_minor.checked_add(other.amount_minor).ok_or(MoneyError::Overflow)?;
-        Ok(Money { amount_minor, currency: self.currency })
+        let amount_minor = self
+            .amount_minor
+            .checked_add(other.amount_minor)
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Money {
+            amount_minor,
+            currency: self.currency,
+        })
     }
 
     pub fn checked_sub(self, other: Money) -> Result<Money, MoneyError> {
         self.same_currency(other)?;
-        let amount_minor =
-            self.amount_minor.checked_sub(other.amount_minor).ok_or(MoneyError::Overflow)?;
-        Ok(Money { amount_minor, currency: self.currency })
+        let amount_minor = self
+            .amount_minor
+            .checked_sub(other.amount_minor)
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Money {
+            amount_minor,
+            currency: self.currency,
+        })
     }
 
     pub fn checked_neg(self) -> Result<Money, MoneyError> {
-        let amount_minor = self.amount_minor.checked_neg().ok_or(MoneyError::Overflow)?;
-        Ok(Money { amount_minor, currency: self.currency })
+        let amount_minor = self
+            .amount_minor
+            .checked_neg()
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Money {
+            amount_minor,
+            currency: self.currency,
+        })
     }
 
     fn same_currency(&self, other: Money) -> Result<(), MoneyError> {
@@ -161,11 +235,12 @@ impl Money {
         if exp == 0 {
             return format!("{sign}{abs}");
         }
-        let scale = 10u64.pow(exp);
+        // exp <= 3 for every listed currency, so the scale is at least 10 and never zero.
+        let scale = 10u64.checked_pow(exp).unwrap_or(1);
         format!(
             "{sign}{}.{:0width$}",
-            abs / scale,
-            abs % scale,
+            abs.checked_div(scale).unwrap_or(abs),
+            abs.checked_rem(scale).unwrap_or(0),
             width = usize::from(self.currency.exponent)
         )
     }
@@ -237,15 +312,27 @@ mod tests {
     fn no_cross_currency_arithmetic() {
         let a = Money::new(1, Currency::CNY);
         let b = Money::new(1, Currency::USD);
-        assert!(matches!(a.checked_add(b), Err(MoneyError::CurrencyMismatch(..))));
-        assert!(matches!(a.checked_sub(b), Err(MoneyError::CurrencyMismatch(..))));
+        assert!(matches!(
+            a.checked_add(b),
+            Err(MoneyError::CurrencyMismatch(..))
+        ));
+        assert!(matches!(
+            a.checked_sub(b),
+            Err(MoneyError::CurrencyMismatch(..))
+        ));
     }
 
     #[test]
     fn overflow_is_an_error_not_a_wrap() {
         let max = Money::new(i64::MAX, Currency::CNY);
-        assert_eq!(max.checked_add(Money::new(1, Currency::CNY)), Err(MoneyError::Overflow));
-        assert_eq!(Money::new(i64::MIN, Currency::CNY).checked_neg(), Err(MoneyError::Overflow));
+        assert_eq!(
+            max.checked_add(Money::new(1, Currency::CNY)),
+            Err(MoneyError::Overflow)
+        );
+        assert_eq!(
+            Money::new(i64::MIN, Currency::CNY).checked_neg(),
+            Err(MoneyError::Overflow)
+        );
     }
 
     proptest! {

@@ -101,7 +101,10 @@ impl PaymentStatus {
         if self.can_become(to) {
             Ok(to)
         } else {
-            Err(TransitionError { from: self.as_str(), to: to.as_str() })
+            Err(TransitionError {
+                from: self.as_str(),
+                to: to.as_str(),
+            })
         }
     }
 
@@ -161,7 +164,10 @@ pub enum Decision {
     NoChange,
     /// A definite answer that contradicts the attempt's terminal status. The status stays; an
     /// alert is raised (first definite result wins).
-    Conflict { current: AttemptStatus, reported: &'static str },
+    Conflict {
+        current: AttemptStatus,
+        reported: &'static str,
+    },
 }
 
 /// Applies a channel outcome to an attempt's current status.
@@ -187,7 +193,10 @@ pub fn decide(current: AttemptStatus, outcome: &ChannelOutcome) -> Decision {
         return Decision::NoChange;
     }
     if current.is_terminal() {
-        return Decision::Conflict { current, reported: outcome.label() };
+        return Decision::Conflict {
+            current,
+            reported: outcome.label(),
+        };
     }
     if current.can_become(target) {
         Decision::Transition(target)
@@ -196,7 +205,10 @@ pub fn decide(current: AttemptStatus, outcome: &ChannelOutcome) -> Decision {
         // processing first. Both steps are whitelisted, so report the end state.
         Decision::Transition(target)
     } else {
-        Decision::Conflict { current, reported: outcome.label() }
+        Decision::Conflict {
+            current,
+            reported: outcome.label(),
+        }
     }
 }
 
@@ -207,16 +219,24 @@ mod tests {
     use AttemptStatus as A;
 
     fn ok() -> ChannelOutcome {
-        ChannelOutcome::Succeeded { channel_trade_no: Some("t1".into()), paid_at_ms: None }
+        ChannelOutcome::Succeeded {
+            channel_trade_no: Some("t1".into()),
+            paid_at_ms: None,
+        }
     }
     fn fail() -> ChannelOutcome {
-        ChannelOutcome::Failed { code: "DECLINED".into(), message: "no".into() }
+        ChannelOutcome::Failed {
+            code: "DECLINED".into(),
+            message: "no".into(),
+        }
     }
     fn unknown() -> ChannelOutcome {
         ChannelOutcome::unknown("timeout")
     }
     fn processing() -> ChannelOutcome {
-        ChannelOutcome::Processing { channel_trade_no: None }
+        ChannelOutcome::Processing {
+            channel_trade_no: None,
+        }
     }
 
     #[test]
@@ -225,20 +245,60 @@ mod tests {
             (A::Pending, ok(), Decision::Transition(A::Succeeded)),
             (A::Pending, fail(), Decision::Transition(A::Failed)),
             (A::Pending, unknown(), Decision::NoChange),
-            (A::Pending, processing(), Decision::Transition(A::Processing)),
+            (
+                A::Pending,
+                processing(),
+                Decision::Transition(A::Processing),
+            ),
             (A::Processing, unknown(), Decision::NoChange),
             (A::Processing, processing(), Decision::NoChange),
             (A::Processing, ok(), Decision::Transition(A::Succeeded)),
             (A::Processing, fail(), Decision::Transition(A::Failed)),
-            (A::Processing, ChannelOutcome::Closed, Decision::Transition(A::Closed)),
-            (A::Processing, ChannelOutcome::Cancelled, Decision::Transition(A::Cancelled)),
+            (
+                A::Processing,
+                ChannelOutcome::Closed,
+                Decision::Transition(A::Closed),
+            ),
+            (
+                A::Processing,
+                ChannelOutcome::Cancelled,
+                Decision::Transition(A::Cancelled),
+            ),
             (A::Succeeded, ok(), Decision::NoChange),
             (A::Succeeded, unknown(), Decision::NoChange),
             (A::Succeeded, processing(), Decision::NoChange),
-            (A::Succeeded, fail(), Decision::Conflict { current: A::Succeeded, reported: "failed" }),
-            (A::Succeeded, ChannelOutcome::Closed, Decision::Conflict { current: A::Succeeded, reported: "closed" }),
-            (A::Failed, ok(), Decision::Conflict { current: A::Failed, reported: "succeeded" }),
-            (A::Closed, ok(), Decision::Conflict { current: A::Closed, reported: "succeeded" }),
+            (
+                A::Succeeded,
+                fail(),
+                Decision::Conflict {
+                    current: A::Succeeded,
+                    reported: "failed",
+                },
+            ),
+            (
+                A::Succeeded,
+                ChannelOutcome::Closed,
+                Decision::Conflict {
+                    current: A::Succeeded,
+                    reported: "closed",
+                },
+            ),
+            (
+                A::Failed,
+                ok(),
+                Decision::Conflict {
+                    current: A::Failed,
+                    reported: "succeeded",
+                },
+            ),
+            (
+                A::Closed,
+                ok(),
+                Decision::Conflict {
+                    current: A::Closed,
+                    reported: "succeeded",
+                },
+            ),
             (A::Closed, ChannelOutcome::Closed, Decision::NoChange),
         ];
         for (current, outcome, want) in cases {
@@ -270,10 +330,16 @@ mod tests {
     #[test]
     fn terminal_states_have_no_way_out() {
         for from in PaymentStatus::ALL.iter().filter(|s| s.is_terminal()) {
-            assert!(PaymentStatus::ALL.iter().all(|to| !from.can_become(*to)), "{from}");
+            assert!(
+                PaymentStatus::ALL.iter().all(|to| !from.can_become(*to)),
+                "{from}"
+            );
         }
         for from in AttemptStatus::ALL.iter().filter(|s| s.is_terminal()) {
-            assert!(AttemptStatus::ALL.iter().all(|to| !from.can_become(*to)), "{from}");
+            assert!(
+                AttemptStatus::ALL.iter().all(|to| !from.can_become(*to)),
+                "{from}"
+            );
         }
     }
 

@@ -66,7 +66,9 @@ pub fn parse_authorization(header: &str) -> Result<SignedRequest, SigningError> 
             return Err(SigningError::Malformed);
         }
     }
-    let key_id = key_id.filter(|k| !k.is_empty() && k.len() <= 64).ok_or(SigningError::Malformed)?;
+    let key_id = key_id
+        .filter(|k| !k.is_empty() && k.len() <= 64)
+        .ok_or(SigningError::Malformed)?;
     let timestamp: i64 = timestamp
         .filter(|t| !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|t| t.parse().ok())
@@ -78,12 +80,19 @@ pub fn parse_authorization(header: &str) -> Result<SignedRequest, SigningError> 
     let mut sig = [0u8; 32];
     hex::decode_to_slice(signature.ok_or(SigningError::Malformed)?, &mut sig)
         .map_err(|_| SigningError::Malformed)?;
-    Ok(SignedRequest { key_id: key_id.to_string(), timestamp, nonce: nonce.to_string(), signature: sig })
+    Ok(SignedRequest {
+        key_id: key_id.to_string(),
+        timestamp,
+        nonce: nonce.to_string(),
+        signature: sig,
+    })
 }
 
 pub fn valid_nonce(nonce: &str) -> bool {
     (NONCE_LEN_MIN..=NONCE_LEN_MAX).contains(&nonce.len())
-        && nonce.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 pub fn check_timestamp(timestamp: i64, now_s: i64) -> Result<(), SigningError> {
@@ -127,9 +136,8 @@ pub fn verify(secret: &[u8], canonical: &str, signature: &[u8; 32]) -> bool {
 fn mac(secret: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of every length; the error branch cannot happen, and an empty key
     // would only fail verification.
-    HmacSha256::new_from_slice(secret).unwrap_or_else(|_| {
-        <HmacSha256 as Mac>::new(&Default::default())
-    })
+    HmacSha256::new_from_slice(secret)
+        .unwrap_or_else(|_| <HmacSha256 as Mac>::new(&Default::default()))
 }
 
 /// Builds the `Authorization` header value for a request (used by the CLI, the demo and tests).
@@ -142,7 +150,10 @@ pub fn authorization_header(
     nonce: &str,
     body: &[u8],
 ) -> String {
-    let sig = sign(secret, &canonical_string(method, path_and_query, timestamp, nonce, body));
+    let sig = sign(
+        secret,
+        &canonical_string(method, path_and_query, timestamp, nonce, body),
+    );
     format!(
         "{SCHEME} key_id={key_id},timestamp={timestamp},nonce={nonce},signature={}",
         hex::encode(sig)
@@ -155,7 +166,13 @@ mod tests {
 
     #[test]
     fn canonical_string_is_documented_layout() {
-        let c = canonical_string("post", "/v1/payments?x=1", 1700000000, "n0nce-0000000000", b"{}");
+        let c = canonical_string(
+            "post",
+            "/v1/payments?x=1",
+            1700000000,
+            "n0nce-0000000000",
+            b"{}",
+        );
         assert_eq!(
             c,
             "PAYRAIL-HMAC-SHA256\nPOST\n/v1/payments?x=1\n1700000000\nn0nce-0000000000\n\
@@ -175,22 +192,70 @@ mod tests {
         );
         let sig = hex::encode(sign(b"sk_test_example", &c));
         assert_eq!(sig.len(), 64);
-        assert!(verify(b"sk_test_example", &c, &sign(b"sk_test_example", &c)));
+        assert!(verify(
+            b"sk_test_example",
+            &c,
+            &sign(b"sk_test_example", &c)
+        ));
     }
 
     #[test]
     fn round_trip_and_tamper_detection() {
-        let h = authorization_header("key_a", b"s3cret", "POST", "/v1/payments", 1700000000, "abcdefghijklmnop", b"{\"a\":1}");
+        let h = authorization_header(
+            "key_a",
+            b"s3cret",
+            "POST",
+            "/v1/payments",
+            1700000000,
+            "abcdefghijklmnop",
+            b"{\"a\":1}",
+        );
         let parsed = parse_authorization(&h).unwrap();
         assert_eq!(parsed.key_id, "key_a");
-        let good = canonical_string("POST", "/v1/payments", parsed.timestamp, &parsed.nonce, b"{\"a\":1}");
+        let good = canonical_string(
+            "POST",
+            "/v1/payments",
+            parsed.timestamp,
+            &parsed.nonce,
+            b"{\"a\":1}",
+        );
         assert!(verify(b"s3cret", &good, &parsed.signature));
         let tampered = [
-            canonical_string("POST", "/v1/payments", parsed.timestamp, &parsed.nonce, b"{\"a\":2}"),
-            canonical_string("GET", "/v1/payments", parsed.timestamp, &parsed.nonce, b"{\"a\":1}"),
-            canonical_string("POST", "/v1/payments?a=1", parsed.timestamp, &parsed.nonce, b"{\"a\":1}"),
-            canonical_string("POST", "/v1/payments", parsed.timestamp + 1, &parsed.nonce, b"{\"a\":1}"),
-            canonical_string("POST", "/v1/payments", parsed.timestamp, "abcdefghijklmnoq", b"{\"a\":1}"),
+            canonical_string(
+                "POST",
+                "/v1/payments",
+                parsed.timestamp,
+                &parsed.nonce,
+                b"{\"a\":2}",
+            ),
+            canonical_string(
+                "GET",
+                "/v1/payments",
+                parsed.timestamp,
+                &parsed.nonce,
+                b"{\"a\":1}",
+            ),
+            canonical_string(
+                "POST",
+                "/v1/payments?a=1",
+                parsed.timestamp,
+                &parsed.nonce,
+                b"{\"a\":1}",
+            ),
+            canonical_string(
+                "POST",
+                "/v1/payments",
+                parsed.timestamp + 1,
+                &parsed.nonce,
+                b"{\"a\":1}",
+            ),
+            canonical_string(
+                "POST",
+                "/v1/payments",
+                parsed.timestamp,
+                "abcdefghijklmnoq",
+                b"{\"a\":1}",
+            ),
         ];
         for t in tampered {
             assert!(!verify(b"s3cret", &t, &parsed.signature), "{t}");
@@ -208,7 +273,9 @@ mod tests {
             format!("{SCHEME} key_id=k,timestamp=x,nonce=abcdefghijklmnop,signature={sig}"),
             format!("{SCHEME} key_id=k,timestamp=-1,nonce=abcdefghijklmnop,signature={sig}"),
             format!("{SCHEME} key_id=k,timestamp=1,nonce=abcdefghijklmnop,signature=zz"),
-            format!("{SCHEME} key_id=k,key_id=k,timestamp=1,nonce=abcdefghijklmnop,signature={sig}"),
+            format!(
+                "{SCHEME} key_id=k,key_id=k,timestamp=1,nonce=abcdefghijklmnop,signature={sig}"
+            ),
             format!("{SCHEME} key_id=,timestamp=1,nonce=abcdefghijklmnop,signature={sig}"),
             format!("{SCHEME} key_id=k,timestamp=1,nonce=abcdefghijklmnop,signature={sig},extra=1"),
         ];
@@ -216,7 +283,10 @@ mod tests {
             assert_eq!(parse_authorization(&h), Err(SigningError::Malformed), "{h}");
         }
         let short_nonce = format!("{SCHEME} key_id=k,timestamp=1,nonce=short,signature={sig}");
-        assert_eq!(parse_authorization(&short_nonce), Err(SigningError::BadNonce));
+        assert_eq!(
+            parse_authorization(&short_nonce),
+            Err(SigningError::BadNonce)
+        );
     }
 
     #[test]

@@ -70,7 +70,13 @@ impl Engine {
         let signed = signing::parse_authorization(header)?;
         signing::check_timestamp(signed.timestamp, self.clock.now_s())?;
         let cached = self.app_for_key(&signed.key_id).await?;
-        let canonical = signing::canonical_string(method, path_and_query, signed.timestamp, &signed.nonce, body);
+        let canonical = signing::canonical_string(
+            method,
+            path_and_query,
+            signed.timestamp,
+            &signed.nonce,
+            body,
+        );
         if !signing::verify(cached.secret.expose(), &canonical, &signed.signature) {
             return Err(AuthError::BadSignature);
         }
@@ -86,8 +92,16 @@ impl Engine {
                 }
             }
         }
-        let app = self.store.get_app_by_key_id(key_id).await?.ok_or(AuthError::UnknownKey)?;
-        let merchant = self.store.get_merchant(app.merchant_id).await?.ok_or(AuthError::UnknownKey)?;
+        let app = self
+            .store
+            .get_app_by_key_id(key_id)
+            .await?
+            .ok_or(AuthError::UnknownKey)?;
+        let merchant = self
+            .store
+            .get_merchant(app.merchant_id)
+            .await?
+            .ok_or(AuthError::UnknownKey)?;
         let secret = self
             .master_key
             .decrypt(&app.secret_ciphertext, &app.key_id)
@@ -148,12 +162,16 @@ impl Engine {
             None => self.ids.token("op_"),
         };
         let hash = hex::encode(Sha256::digest(token.as_bytes()));
-        let stored = self.store.put_setting_if_absent(OPERATOR_TOKEN_SETTING, &hash).await?;
+        let stored = self
+            .store
+            .put_setting_if_absent(OPERATOR_TOKEN_SETTING, &hash)
+            .await?;
         if stored == hash {
             Ok(Some(Secret::new(token)))
         } else if preset.is_some() {
             Err(EngineError::Internal(
-                "PAYRAIL_OPERATOR_TOKEN differs from the token this database was set up with".into(),
+                "PAYRAIL_OPERATOR_TOKEN differs from the token this database was set up with"
+                    .into(),
             ))
         } else {
             Ok(None)

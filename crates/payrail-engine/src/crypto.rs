@@ -40,7 +40,9 @@ impl MasterKey {
             B64.decode(t).map_err(|_| CryptoError::BadKey)?
         };
         let key: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::BadKey)?;
-        Ok(MasterKey { cipher: XChaCha20Poly1305::new(&key.into()) })
+        Ok(MasterKey {
+            cipher: XChaCha20Poly1305::new(&key.into()),
+        })
     }
 
     /// A fresh random key, hex-encoded, for first start.
@@ -53,15 +55,22 @@ impl MasterKey {
     pub fn encrypt(&self, plaintext: &[u8], associated: &str) -> String {
         let mut nonce = [0u8; 24];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let payload = Payload { msg: plaintext, aad: associated.as_bytes() };
+        let payload = Payload {
+            msg: plaintext,
+            aad: associated.as_bytes(),
+        };
         // Encryption only fails for plaintexts beyond the cipher's ~256 GiB limit.
-        let ct = self.cipher.encrypt(XNonce::from_slice(&nonce), payload).unwrap_or_default();
+        let ct = self
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), payload)
+            .unwrap_or_default();
         format!("{VERSION}.{}.{}", B64.encode(nonce), B64.encode(ct))
     }
 
     pub fn decrypt(&self, stored: &str, associated: &str) -> Result<Secret<Vec<u8>>, CryptoError> {
         let mut parts = stored.split('.');
-        let (Some(VERSION), Some(n), Some(c), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(VERSION), Some(n), Some(c), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(CryptoError::Decrypt);
         };
@@ -70,7 +79,10 @@ impl MasterKey {
         if nonce.len() != 24 {
             return Err(CryptoError::Decrypt);
         }
-        let payload = Payload { msg: &ct, aad: associated.as_bytes() };
+        let payload = Payload {
+            msg: &ct,
+            aad: associated.as_bytes(),
+        };
         self.cipher
             .decrypt(XNonce::from_slice(&nonce), payload)
             .map(Secret::new)
@@ -90,7 +102,10 @@ mod tests {
         assert_eq!(k.decrypt(&ct, "key_1").unwrap().expose(), b"sk_secret");
         assert!(k.decrypt(&ct, "key_2").is_err(), "bound to its record");
         let other = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
-        assert!(other.decrypt(&ct, "key_1").is_err(), "needs the same master key");
+        assert!(
+            other.decrypt(&ct, "key_1").is_err(),
+            "needs the same master key"
+        );
         let mut tampered = ct.clone();
         tampered.pop();
         assert!(k.decrypt(&tampered, "key_1").is_err());
@@ -103,6 +118,10 @@ mod tests {
         assert!(MasterKey::parse(&Secret::new(B64.encode([7u8; 32]))).is_ok());
         assert!(MasterKey::parse(&Secret::new("00".repeat(31))).is_err());
         assert!(MasterKey::parse(&Secret::new("zz".repeat(32))).is_err());
-        assert!(!format!("{:?}", MasterKey::parse(&Secret::new("00".repeat(32))).unwrap()).contains("00"));
+        assert!(!format!(
+            "{:?}",
+            MasterKey::parse(&Secret::new("00".repeat(32))).unwrap()
+        )
+        .contains("00"));
     }
 }

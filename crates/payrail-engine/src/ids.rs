@@ -12,11 +12,17 @@ pub struct IdGen {
 
 impl IdGen {
     pub fn new(clock: Arc<dyn Clock>) -> IdGen {
-        IdGen { clock, seeded: None }
+        IdGen {
+            clock,
+            seeded: None,
+        }
     }
 
     pub fn seeded(clock: Arc<dyn Clock>, seed: u64) -> IdGen {
-        IdGen { clock, seeded: Some(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))) }
+        IdGen {
+            clock,
+            seeded: Some(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))),
+        }
     }
 
     pub fn fill(&self, buf: &mut [u8]) {

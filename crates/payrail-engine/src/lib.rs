@@ -46,7 +46,7 @@ impl Default for EngineConfig {
             channel_timeout_ms: 10_000,
             sync_first_delay_ms: 5_000,
             sync_max_delay_ms: 300_000,
-            sync_lease_ms: 60_000,
+            sync_lease_ms: 30_000,
             sync_batch: 64,
             worker_poll_ms: 500,
             idempotency_stale_ms: 60_000,

@@ -33,7 +33,10 @@ impl Engine {
     }
 
     pub async fn get_merchant(&self, id: MerchantId) -> Result<MerchantRecord, EngineError> {
-        self.store.get_merchant(id).await?.ok_or(EngineError::NotFound("merchant"))
+        self.store
+            .get_merchant(id)
+            .await?
+            .ok_or(EngineError::NotFound("merchant"))
     }
 
     pub async fn set_merchant_status(
@@ -51,7 +54,11 @@ impl Engine {
         Ok(m)
     }
 
-    pub async fn create_app(&self, merchant_id: MerchantId, name: MerchantName) -> Result<NewAppCredentials, EngineError> {
+    pub async fn create_app(
+        &self,
+        merchant_id: MerchantId,
+        name: MerchantName,
+    ) -> Result<NewAppCredentials, EngineError> {
         self.get_merchant(merchant_id).await?;
         let id: AppId = self.ids.next();
         let key_id = self.ids.next::<payrail_domain::id::Key>().to_string();

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 /// Upper bounds of the latency buckets, in milliseconds.
-const BUCKETS_MS: [f64; 14] = [0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+const BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
 
 #[derive(Default, Clone)]
 struct Histogram {
@@ -51,18 +53,39 @@ impl Metrics {
         self.add(name, help, labels, 1);
     }
 
-    pub fn add(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)], n: u64) {
+    pub fn add(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+        n: u64,
+    ) {
         if let Ok(mut f) = self.families.lock() {
-            let fam = f.entry(name).or_insert_with(|| Family { help, ..Family::default() });
+            let fam = f.entry(name).or_insert_with(|| Family {
+                help,
+                ..Family::default()
+            });
             let c = fam.counters.entry(own(labels)).or_insert(0);
             *c = c.saturating_add(n);
         }
     }
 
-    pub fn observe_us(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)], micros: u64) {
+    pub fn observe_us(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+        micros: u64,
+    ) {
         if let Ok(mut f) = self.families.lock() {
-            let fam = f.entry(name).or_insert_with(|| Family { help, ..Family::default() });
-            fam.histograms.entry(own(labels)).or_default().observe(micros);
+            let fam = f.entry(name).or_insert_with(|| Family {
+                help,
+                ..Family::default()
+            });
+            fam.histograms
+                .entry(own(labels))
+                .or_default()
+                .observe(micros);
         }
     }
 
@@ -71,15 +94,24 @@ impl Metrics {
         self.families
             .lock()
             .ok()
-            .and_then(|f| f.get(name).and_then(|fam| fam.counters.get(&own(labels)).copied()))
+            .and_then(|f| {
+                f.get(name)
+                    .and_then(|fam| fam.counters.get(&own(labels)).copied())
+            })
             .unwrap_or(0)
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let Ok(f) = self.families.lock() else { return out };
+        let Ok(f) = self.families.lock() else {
+            return out;
+        };
         for (name, fam) in f.iter() {
-            let kind = if fam.histograms.is_empty() { "counter" } else { "histogram" };
+            let kind = if fam.histograms.is_empty() {
+                "counter"
+            } else {
+                "histogram"
+            };
             let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", fam.help);
             for (labels, v) in &fam.counters {
                 let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
@@ -87,10 +119,25 @@ impl Metrics {
             for (labels, h) in &fam.histograms {
                 for (i, le) in BUCKETS_MS.iter().enumerate() {
                     let le = format!("{}", le / 1000.0);
-                    let _ = writeln!(out, "{name}_bucket{} {}", fmt_labels(labels, Some(&le)), h.buckets[i]);
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{} {}",
+                        fmt_labels(labels, Some(&le)),
+                        h.buckets[i]
+                    );
                 }
-                let _ = writeln!(out, "{name}_bucket{} {}", fmt_labels(labels, Some("+Inf")), h.count);
-                let _ = writeln!(out, "{name}_sum{} {}", fmt_labels(labels, None), h.sum_us as f64 / 1e6);
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{} {}",
+                    fmt_labels(labels, Some("+Inf")),
+                    h.count
+                );
+                let _ = writeln!(
+                    out,
+                    "{name}_sum{} {}",
+                    fmt_labels(labels, None),
+                    h.sum_us as f64 / 1e6
+                );
                 let _ = writeln!(out, "{name}_count{} {}", fmt_labels(labels, None), h.count);
             }
         }
@@ -105,7 +152,14 @@ fn own(labels: &[(&'static str, &str)]) -> Labels {
 fn fmt_labels(labels: &Labels, le: Option<&str>) -> String {
     let mut parts: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
         .collect();
     if let Some(le) = le {
         parts.push(format!("le=\"{le}\""));
@@ -129,8 +183,14 @@ mod tests {
         m.observe_us("payrail_lat_seconds", "lat", &[("r", "/p")], 3_000);
         let s = m.render();
         assert!(s.contains("payrail_x_total{a=\"1\"} 2"), "{s}");
-        assert!(s.contains("payrail_lat_seconds_bucket{r=\"/p\",le=\"0.0025\"} 0"), "{s}");
-        assert!(s.contains("payrail_lat_seconds_bucket{r=\"/p\",le=\"0.005\"} 1"), "{s}");
+        assert!(
+            s.contains("payrail_lat_seconds_bucket{r=\"/p\",le=\"0.0025\"} 0"),
+            "{s}"
+        );
+        assert!(
+            s.contains("payrail_lat_seconds_bucket{r=\"/p\",le=\"0.005\"} 1"),
+            "{s}"
+        );
         assert!(s.contains("payrail_lat_seconds_count{r=\"/p\"} 1"), "{s}");
         assert_eq!(m.counter("payrail_x_total", &[("a", "1")]), 2);
     }

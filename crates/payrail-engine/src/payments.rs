@@ -14,10 +14,12 @@ use crate::{Engine, EngineError, JOB_PAYMENT_SYNC};
 use payrail_channels::{Connector, NextAction, QueryRequest, SubmitRequest, SubmitResponse};
 use payrail_domain::input::{ExpiresIn, Metadata, NotifyUrl, OutTradeNo, PaymentMethod, Subject};
 use payrail_domain::payment::{decide, Decision};
-use payrail_domain::{AttemptStatus, ChannelOutcome, Currency, EventId, Money, PaymentId, PaymentStatus};
+use payrail_domain::{
+    AttemptStatus, ChannelOutcome, Currency, EventId, Money, PaymentId, PaymentStatus,
+};
 use payrail_store::{
-    AlertRecord, AttemptRecord, CreatePaymentOutcome, JobRecord, JobUpdate, NewEvent, NewJob, NewPayment,
-    PaymentRecord, Transition,
+    AlertRecord, AttemptRecord, CreatePaymentOutcome, JobRecord, JobUpdate, NewEvent, NewJob,
+    NewPayment, PaymentRecord, Transition,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,7 +123,9 @@ impl Engine {
                 run_at_ms: now.saturating_add(first_sync_ms),
             }),
         };
-        if let CreatePaymentOutcome::DuplicateOutTradeNo(existing) = self.store.create_payment(&new).await? {
+        if let CreatePaymentOutcome::DuplicateOutTradeNo(existing) =
+            self.store.create_payment(&new).await?
+        {
             // The same request, retried after its first try died mid-way: answer with the
             // payment it created (the sync job is driving it) rather than an error.
             let same_request = idem.is_some_and(|i| {
@@ -129,7 +133,10 @@ impl Engine {
                     && existing.request_hash.as_deref() == Some(i.request_hash)
             });
             if same_request {
-                return Ok(PaymentResult { payment: *existing, next_action: None });
+                return Ok(PaymentResult {
+                    payment: *existing,
+                    next_action: None,
+                });
             }
             return Err(EngineError::DuplicateOutTradeNo);
         }
@@ -147,12 +154,18 @@ impl Engine {
             expires_at_ms: payment.expires_at_ms,
         };
         let started = Instant::now();
-        let response = match tokio::time::timeout(self.channel_timeout(), connector.submit(&submit)).await {
-            Ok(r) => r,
-            Err(_) => SubmitResponse { outcome: ChannelOutcome::unknown("timeout"), next_action: None },
-        };
+        let response =
+            match tokio::time::timeout(self.channel_timeout(), connector.submit(&submit)).await {
+                Ok(r) => r,
+                Err(_) => SubmitResponse {
+                    outcome: ChannelOutcome::unknown("timeout"),
+                    next_action: None,
+                },
+            };
         self.observe_channel(connector.name(), "submit", &response.outcome, started);
-        let payment = self.apply_outcome(payment, attempt, &response.outcome).await?;
+        let payment = self
+            .apply_outcome(payment, attempt, &response.outcome)
+            .await?;
         if !payment.status.is_terminal() {
             // The answer came back (processing or unknown): the first status query is due a
             // short delay from now, not after a full channel timeout.
@@ -160,13 +173,20 @@ impl Engine {
                 .update_job(&JobUpdate::Schedule {
                     kind: JOB_PAYMENT_SYNC.into(),
                     subject_id: payment.id.to_string(),
-                    run_at_ms: self.now_ms().saturating_add(self.config.sync_first_delay_ms),
+                    run_at_ms: self
+                        .now_ms()
+                        .saturating_add(self.config.sync_first_delay_ms),
                     last_error: None,
                 })
                 .await?;
         }
-        let next_action = (!payment.status.is_terminal()).then_some(response.next_action).flatten();
-        Ok(PaymentResult { payment, next_action })
+        let next_action = (!payment.status.is_terminal())
+            .then_some(response.next_action)
+            .flatten();
+        Ok(PaymentResult {
+            payment,
+            next_action,
+        })
     }
 
     fn channel_timeout(&self) -> Duration {
@@ -184,7 +204,11 @@ impl Engine {
         self.metrics.inc(
             "payrail_channel_calls_total",
             "Channel calls by outcome.",
-            &[("channel", channel), ("op", op), ("outcome", outcome.label())],
+            &[
+                ("channel", channel),
+                ("op", op),
+                ("outcome", outcome.label()),
+            ],
         );
         if let ChannelOutcome::Unknown { reason } = outcome {
             tracing::warn!(channel, op, reason = %reason, "channel outcome unknown");
@@ -217,11 +241,20 @@ impl Engine {
             }
             let now = self.now_ms();
             let (channel_trade_no, failure, paid_at_ms) = match outcome {
-                ChannelOutcome::Succeeded { channel_trade_no, paid_at_ms } => {
-                    (channel_trade_no.clone(), None, Some(paid_at_ms.unwrap_or(now)))
+                ChannelOutcome::Succeeded {
+                    channel_trade_no,
+                    paid_at_ms,
+                } => (
+                    channel_trade_no.clone(),
+                    None,
+                    Some(paid_at_ms.unwrap_or(now)),
+                ),
+                ChannelOutcome::Failed { code, message } => {
+                    (None, Some((code.clone(), message.clone())), None)
                 }
-                ChannelOutcome::Failed { code, message } => (None, Some((code.clone(), message.clone())), None),
-                ChannelOutcome::Processing { channel_trade_no } => (channel_trade_no.clone(), None, None),
+                ChannelOutcome::Processing { channel_trade_no } => {
+                    (channel_trade_no.clone(), None, None)
+                }
                 _ => (None, None, None),
             };
             let mut updated = payment.clone();
@@ -256,13 +289,20 @@ impl Engine {
                 self.metrics.inc(
                     "payrail_payment_transitions_total",
                     "Payment status changes, by channel and new status.",
-                    &[("channel", &payment.channel), ("status", next_payment.as_str())],
+                    &[
+                        ("channel", &payment.channel),
+                        ("status", next_payment.as_str()),
+                    ],
                 );
                 tracing::info!(payment_id = %payment.id, from = %payment.status, to = %next_payment, "payment status changed");
                 return Ok(updated);
             }
             // Lost the race: read what won and decide again.
-            payment = self.store.get_payment_any(payment.id).await?.ok_or(EngineError::NotFound("payment"))?;
+            payment = self
+                .store
+                .get_payment_any(payment.id)
+                .await?
+                .ok_or(EngineError::NotFound("payment"))?;
             attempt = self
                 .store
                 .get_attempts(payment.id)
@@ -271,7 +311,10 @@ impl Engine {
                 .find(|a| a.id == attempt.id)
                 .ok_or(EngineError::NotFound("attempt"))?;
         }
-        Err(EngineError::Internal(format!("payment {}: optimistic-lock retries exhausted", payment.id)))
+        Err(EngineError::Internal(format!(
+            "payment {}: optimistic-lock retries exhausted",
+            payment.id
+        )))
     }
 
     fn payment_event(&self, p: &PaymentRecord, now_ms: i64) -> NewEvent {
@@ -294,7 +337,12 @@ impl Engine {
         }
     }
 
-    async fn raise_conflict(&self, p: &PaymentRecord, current: AttemptStatus, reported: &str) -> Result<(), EngineError> {
+    async fn raise_conflict(
+        &self,
+        p: &PaymentRecord,
+        current: AttemptStatus,
+        reported: &str,
+    ) -> Result<(), EngineError> {
         tracing::error!(payment_id = %p.id, current = %current, reported, "conflicting channel result; status kept");
         self.metrics.inc(
             "payrail_channel_conflicts_total",
@@ -312,8 +360,13 @@ impl Engine {
         Ok(())
     }
 
-    fn query_request(&self, p: &PaymentRecord, a: &AttemptRecord) -> Result<QueryRequest, EngineError> {
-        let currency = Currency::parse(&p.currency).map_err(|e| EngineError::Internal(e.to_string()))?;
+    fn query_request(
+        &self,
+        p: &PaymentRecord,
+        a: &AttemptRecord,
+    ) -> Result<QueryRequest, EngineError> {
+        let currency =
+            Currency::parse(&p.currency).map_err(|e| EngineError::Internal(e.to_string()))?;
         Ok(QueryRequest {
             attempt_id: a.id,
             amount: Money::new(p.amount_minor, currency),
@@ -323,14 +376,22 @@ impl Engine {
     }
 
     fn connector_for(&self, a: &AttemptRecord) -> Result<Arc<dyn Connector>, EngineError> {
-        self.channels
-            .get(&a.channel)
-            .cloned()
-            .ok_or_else(|| EngineError::Internal(format!("channel {} is not configured", a.channel)))
+        self.channels.get(&a.channel).cloned().ok_or_else(|| {
+            EngineError::Internal(format!("channel {} is not configured", a.channel))
+        })
     }
 
-    async fn open_attempt(&self, payment_id: PaymentId) -> Result<Option<AttemptRecord>, EngineError> {
-        Ok(self.store.get_attempts(payment_id).await?.into_iter().rev().find(|a| !a.status.is_terminal()))
+    async fn open_attempt(
+        &self,
+        payment_id: PaymentId,
+    ) -> Result<Option<AttemptRecord>, EngineError> {
+        Ok(self
+            .store
+            .get_attempts(payment_id)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|a| !a.status.is_terminal()))
     }
 
     /// Delay before the n-th status query (n starts at 1): first delay, doubling, capped.
@@ -345,7 +406,10 @@ impl Engine {
     /// One run of a status-sync job: ask the channel (or close the order once expired), apply
     /// the answer, and schedule the next run if still open.
     pub async fn sync_payment(&self, job: &JobRecord) -> Result<(), EngineError> {
-        let delete = JobUpdate::Delete { kind: JOB_PAYMENT_SYNC.into(), subject_id: job.subject_id.clone() };
+        let delete = JobUpdate::Delete {
+            kind: JOB_PAYMENT_SYNC.into(),
+            subject_id: job.subject_id.clone(),
+        };
         let Ok(payment_id) = job.subject_id.parse::<PaymentId>() else {
             tracing::error!(subject = %job.subject_id, "sync job names no payment; dropped");
             self.store.update_job(&delete).await?;
@@ -364,7 +428,11 @@ impl Engine {
         let now = self.now_ms();
         let expired = now >= payment.expires_at_ms;
         let started = Instant::now();
-        let (op, call) = if expired { ("close", connector.close(&req)) } else { ("query", connector.query(&req)) };
+        let (op, call) = if expired {
+            ("close", connector.close(&req))
+        } else {
+            ("query", connector.query(&req))
+        };
         let outcome = tokio::time::timeout(self.channel_timeout(), call)
             .await
             .unwrap_or_else(|_| ChannelOutcome::unknown("timeout"));
@@ -393,7 +461,10 @@ impl Engine {
     }
 
     /// Re-queries one payment now (operator action and tests); same path as the worker.
-    pub async fn requery_payment(&self, payment_id: PaymentId) -> Result<PaymentRecord, EngineError> {
+    pub async fn requery_payment(
+        &self,
+        payment_id: PaymentId,
+    ) -> Result<PaymentRecord, EngineError> {
         let job = JobRecord {
             kind: JOB_PAYMENT_SYNC.into(),
             subject_id: payment_id.to_string(),
@@ -402,23 +473,33 @@ impl Engine {
             created_at_ms: self.now_ms(),
         };
         self.sync_payment(&job).await?;
-        self.store.get_payment_any(payment_id).await?.ok_or(EngineError::NotFound("payment"))
+        self.store
+            .get_payment_any(payment_id)
+            .await?
+            .ok_or(EngineError::NotFound("payment"))
     }
 
     /// Closes an unpaid payment at the channel and locally. Closing a closed payment is a
     /// no-op; a payment the payer completed meanwhile is reported, not closed.
-    pub async fn close_payment(&self, app: &AppAuth, id: PaymentId) -> Result<PaymentRecord, EngineError> {
-        let payment = self.store.get_payment(app.merchant_id, id).await?.ok_or(EngineError::NotFound("payment"))?;
+    pub async fn close_payment(
+        &self,
+        app: &AppAuth,
+        id: PaymentId,
+    ) -> Result<PaymentRecord, EngineError> {
+        let payment = self
+            .store
+            .get_payment(app.merchant_id, id)
+            .await?
+            .ok_or(EngineError::NotFound("payment"))?;
         if payment.status == PaymentStatus::Closed {
             return Ok(payment);
         }
         if !payment.status.is_closable() {
             return Err(EngineError::NotClosable(payment.status.to_string()));
         }
-        let attempt = self
-            .open_attempt(id)
-            .await?
-            .ok_or_else(|| EngineError::Internal(format!("payment {id} is open without an open attempt")))?;
+        let attempt = self.open_attempt(id).await?.ok_or_else(|| {
+            EngineError::Internal(format!("payment {id} is open without an open attempt"))
+        })?;
         let connector = self.connector_for(&attempt)?;
         let req = self.query_request(&payment, &attempt)?;
         let started = Instant::now();
@@ -437,11 +518,22 @@ impl Engine {
         }
     }
 
-    pub async fn get_payment(&self, app: &AppAuth, id: PaymentId) -> Result<PaymentRecord, EngineError> {
-        self.store.get_payment(app.merchant_id, id).await?.ok_or(EngineError::NotFound("payment"))
+    pub async fn get_payment(
+        &self,
+        app: &AppAuth,
+        id: PaymentId,
+    ) -> Result<PaymentRecord, EngineError> {
+        self.store
+            .get_payment(app.merchant_id, id)
+            .await?
+            .ok_or(EngineError::NotFound("payment"))
     }
 
-    pub async fn get_payment_by_out_trade_no(&self, app: &AppAuth, otn: &OutTradeNo) -> Result<PaymentRecord, EngineError> {
+    pub async fn get_payment_by_out_trade_no(
+        &self,
+        app: &AppAuth,
+        otn: &OutTradeNo,
+    ) -> Result<PaymentRecord, EngineError> {
         self.store
             .get_payment_by_out_trade_no(app.merchant_id, otn.as_str())
             .await?
@@ -456,7 +548,10 @@ impl Engine {
         starting_after: Option<PaymentId>,
     ) -> Result<(Vec<PaymentRecord>, bool), EngineError> {
         let limit = limit.clamp(1, crate::merchants::PAGE_LIMIT_MAX);
-        let mut rows = self.store.list_payments(app.merchant_id, limit.saturating_add(1), starting_after).await?;
+        let mut rows = self
+            .store
+            .list_payments(app.merchant_id, limit.saturating_add(1), starting_after)
+            .await?;
         let has_more = rows.len() > limit as usize;
         rows.truncate(limit as usize);
         Ok((rows, has_more))

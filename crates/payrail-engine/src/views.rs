@@ -10,12 +10,18 @@ fn secs(ms: i64) -> i64 {
 }
 
 pub fn payment_json(p: &PaymentRecord, next_action: Option<&NextAction>) -> Value {
-    let metadata: Value = serde_json::from_str(&p.metadata).unwrap_or_else(|_| Value::Object(Map::new()));
+    let metadata: Value =
+        serde_json::from_str(&p.metadata).unwrap_or_else(|_| Value::Object(Map::new()));
     let next_action = next_action.map(|a| match a {
-        NextAction::DisplayQrCode { code_url } => json!({"type": "display_qr_code", "code_url": code_url}),
+        NextAction::DisplayQrCode { code_url } => {
+            json!({"type": "display_qr_code", "code_url": code_url})
+        }
         NextAction::Redirect { url } => json!({"type": "redirect", "url": url}),
     });
-    let failure = p.failure_code.as_ref().map(|code| json!({"code": code, "message": p.failure_message}));
+    let failure = p
+        .failure_code
+        .as_ref()
+        .map(|code| json!({"code": code, "message": p.failure_message}));
     json!({
         "id": p.id,
         "object": "payment",

@@ -19,7 +19,12 @@ pub async fn run_sync_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<
         let now = engine.now_ms();
         let jobs = match engine
             .store
-            .lease_jobs(JOB_PAYMENT_SYNC, now, engine.config.sync_lease_ms, engine.config.sync_batch)
+            .lease_jobs(
+                JOB_PAYMENT_SYNC,
+                now,
+                engine.config.sync_lease_ms,
+                engine.config.sync_batch,
+            )
             .await
         {
             Ok(jobs) => jobs,

@@ -10,6 +10,7 @@
 //! status is guarded by the row's version (optimistic lock) and writes its outbox event in the
 //! same transaction.
 
+mod common;
 pub mod postgres;
 mod records;
 mod schema;
@@ -49,8 +50,17 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_merchant(&self, m: &MerchantRecord) -> Result<()>;
     async fn get_merchant(&self, id: MerchantId) -> Result<Option<MerchantRecord>>;
     /// Newest first; `starting_after` is the last id of the previous page.
-    async fn list_merchants(&self, limit: u32, starting_after: Option<MerchantId>) -> Result<Vec<MerchantRecord>>;
-    async fn set_merchant_status(&self, id: MerchantId, status: MerchantStatus, now_ms: i64) -> Result<Option<MerchantRecord>>;
+    async fn list_merchants(
+        &self,
+        limit: u32,
+        starting_after: Option<MerchantId>,
+    ) -> Result<Vec<MerchantRecord>>;
+    async fn set_merchant_status(
+        &self,
+        id: MerchantId,
+        status: MerchantStatus,
+        now_ms: i64,
+    ) -> Result<Option<MerchantRecord>>;
     async fn insert_app(&self, app: &AppRecord) -> Result<()>;
     async fn get_app_by_key_id(&self, key_id: &str) -> Result<Option<AppRecord>>;
     async fn list_apps(&self, merchant_id: MerchantId) -> Result<Vec<AppRecord>>;
@@ -59,36 +69,68 @@ pub trait Store: Send + Sync + 'static {
     /// Claims the nonce (if any) and the idempotency key (if any) in one transaction.
     async fn admit(&self, req: &Admission) -> Result<AdmissionOutcome>;
     /// Saves the final response of an idempotent request.
-    async fn complete_idempotency(&self, scope: &str, key: &str, status: u16, body: &str, now_ms: i64) -> Result<()>;
+    async fn complete_idempotency(
+        &self,
+        scope: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+        now_ms: i64,
+    ) -> Result<()>;
     /// Forgets an in-progress key (the request failed internally and may be retried).
     async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()>;
 
     // --- payments -------------------------------------------------------------------------
     /// Inserts a payment, its first attempt and its status-sync job atomically.
     async fn create_payment(&self, new: &NewPayment) -> Result<CreatePaymentOutcome>;
-    async fn get_payment(&self, merchant_id: MerchantId, id: PaymentId) -> Result<Option<PaymentRecord>>;
-    async fn get_payment_by_out_trade_no(&self, merchant_id: MerchantId, out_trade_no: &str) -> Result<Option<PaymentRecord>>;
+    async fn get_payment(
+        &self,
+        merchant_id: MerchantId,
+        id: PaymentId,
+    ) -> Result<Option<PaymentRecord>>;
+    async fn get_payment_by_out_trade_no(
+        &self,
+        merchant_id: MerchantId,
+        out_trade_no: &str,
+    ) -> Result<Option<PaymentRecord>>;
     /// Any merchant's payment, for workers and operators.
     async fn get_payment_any(&self, id: PaymentId) -> Result<Option<PaymentRecord>>;
     /// Newest first, keyset-paginated by id.
-    async fn list_payments(&self, merchant_id: MerchantId, limit: u32, starting_after: Option<PaymentId>) -> Result<Vec<PaymentRecord>>;
+    async fn list_payments(
+        &self,
+        merchant_id: MerchantId,
+        limit: u32,
+        starting_after: Option<PaymentId>,
+    ) -> Result<Vec<PaymentRecord>>;
     async fn get_attempts(&self, payment_id: PaymentId) -> Result<Vec<AttemptRecord>>;
     /// Applies a status change to an attempt and its payment if both still have the expected
     /// versions; writes the event and adjusts the job in the same transaction. `Ok(false)` means
     /// another writer got there first: nothing was written; reload and decide again.
     async fn apply_transition(&self, t: &Transition) -> Result<bool>;
     /// Counts payments per status for one merchant (benchmark verification, reports).
-    async fn count_payments_by_status(&self, merchant_id: MerchantId) -> Result<Vec<(String, i64)>>;
+    async fn count_payments_by_status(&self, merchant_id: MerchantId)
+        -> Result<Vec<(String, i64)>>;
 
     // --- jobs -----------------------------------------------------------------------------
     /// Leases up to `limit` due jobs of `kind`: each becomes invisible to other workers for
     /// `lease_ms` (its `run_at_ms` moves forward), so a crashed worker's jobs come back.
-    async fn lease_jobs(&self, kind: &str, now_ms: i64, lease_ms: i64, limit: u32) -> Result<Vec<JobRecord>>;
+    async fn lease_jobs(
+        &self,
+        kind: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>>;
     async fn update_job(&self, update: &JobUpdate) -> Result<()>;
     async fn count_jobs(&self, kind: &str) -> Result<i64>;
 
     // --- events and alerts ----------------------------------------------------------------
-    async fn list_events(&self, merchant_id: MerchantId, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>>;
+    async fn list_events(
+        &self,
+        merchant_id: MerchantId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>>;
     async fn insert_alert(&self, alert: &AlertRecord) -> Result<()>;
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>>;
 
@@ -106,7 +148,9 @@ pub async fn open(url: &str) -> Result<DynStore> {
         Ok(Arc::new(postgres::PgStore::connect(url).await?))
     } else {
         let path = url.strip_prefix("sqlite://").unwrap_or(url);
-        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path))?))
+        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(
+            path,
+        ))?))
     }
 }
 

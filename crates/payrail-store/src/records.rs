@@ -183,8 +183,16 @@ pub struct EventRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobUpdate {
     /// Create the job, or move an existing one to `run_at_ms`.
-    Schedule { kind: String, subject_id: String, run_at_ms: i64, last_error: Option<String> },
-    Delete { kind: String, subject_id: String },
+    Schedule {
+        kind: String,
+        subject_id: String,
+        run_at_ms: i64,
+        last_error: Option<String>,
+    },
+    Delete {
+        kind: String,
+        subject_id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,10 +7,11 @@
 //! forms while the previous commit's fsync runs, so no artificial delay is needed.
 //! Reads run on a small pool of read-only connections; WAL lets them proceed during writes.
 
+use crate::common::*;
 use crate::schema::{MIGRATIONS, SQLITE_SERIAL};
 use crate::*;
 use payrail_domain::{AttemptId, AttemptStatus, PaymentStatus};
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +25,9 @@ const READERS_MAX: usize = 8;
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-type WriteJob = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+/// Gets the writer's connection inside the batch transaction, or the reason there is none (the
+/// batch could not begin): then the job must not touch the database.
+type WriteJob = Box<dyn FnOnce(Result<&Connection, &str>) -> Reply + Send>;
 
 pub struct SqliteStore {
     writer: mpsc::Sender<WriteJob>,
@@ -42,13 +45,34 @@ fn db_err(e: rusqlite::Error) -> StoreError {
 
 fn open_connection(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(db_err)?;
-    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+        .map_err(db_err)?;
     // WAL + FULL: every commit is fsynced; an acknowledged write survives power loss.
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(db_err)?;
+    set_wal(&conn)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
+}
+
+/// Switching a new database file to WAL needs an exclusive lock, and SQLite reports BUSY at once
+/// there instead of waiting (busy_timeout does not apply): when several processes open a new
+/// file together, retry for as long as a busy wait would.
+fn set_wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(BUSY_TIMEOUT_MS);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other.map_err(db_err),
+        }
+    }
 }
 
 impl SqliteStore {
@@ -59,10 +83,13 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Config(format!("cannot create {}: {e}", dir.display())))?;
         }
         let conn = open_connection(path)?;
-        let mode: String =
-            conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).map_err(db_err)?;
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .map_err(db_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Config(format!("SQLite refused WAL mode (got {mode})")));
+            return Err(StoreError::Config(format!(
+                "SQLite refused WAL mode (got {mode})"
+            )));
         }
         migrate(&conn)?;
         let (tx, rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE_MAX);
@@ -72,7 +99,10 @@ impl SqliteStore {
             .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             writer: tx,
-            readers: Arc::new(Readers { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }),
+            readers: Arc::new(Readers {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+            }),
         })
     }
 
@@ -81,7 +111,8 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
-        self.write_or_rollback(move |c| f(c).map(|v| (v, true))).await
+        self.write_or_rollback(move |c| f(c).map(|v| (v, true)))
+            .await
     }
 
     /// Like [`Self::write`], but `f` may ask (with `false`) for its own changes to be undone
@@ -92,7 +123,10 @@ impl SqliteStore {
     ) -> Result<R> {
         let (otx, orx) = oneshot::channel::<Result<R>>();
         let job: WriteJob = Box::new(move |conn| {
-            let res = run_in_savepoint(conn, f);
+            let res = match conn {
+                Ok(conn) => run_in_savepoint(conn, f),
+                Err(e) => Err(StoreError::Database(e.to_string())),
+            };
             Box::new(move |commit: Result<(), String>| {
                 let out = match commit {
                     Ok(()) => res,
@@ -101,7 +135,10 @@ impl SqliteStore {
                 let _ = otx.send(out);
             })
         });
-        self.writer.send(job).await.map_err(|_| StoreError::Closed)?;
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Closed)?;
         orx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -154,7 +191,8 @@ fn run_in_savepoint<R>(
             Ok(v)
         }
         Ok((v, false)) => {
-            conn.execute_batch("ROLLBACK TO op; RELEASE op").map_err(db_err)?;
+            conn.execute_batch("ROLLBACK TO op; RELEASE op")
+                .map_err(db_err)?;
             Ok(v)
         }
         Err(e) => {
@@ -171,13 +209,15 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             tracing::error!(error = %msg, "sqlite: cannot begin transaction");
-            first(&conn)(Err(msg));
+            // Outside a transaction the job's SAVEPOINT would autocommit its writes while we
+            // report failure, so the job only gets the error.
+            first(Err(&msg))(Err(msg.clone()));
             continue;
         }
-        replies.push(first(&conn));
+        replies.push(first(Ok(&conn)));
         while replies.len() < WRITE_BATCH_MAX {
             match rx.try_recv() {
-                Ok(job) => replies.push(job(&conn)),
+                Ok(job) => replies.push(job(Ok(&conn))),
                 Err(_) => break,
             }
         }
@@ -193,12 +233,21 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
 }
 
 fn migrate(conn: &Connection) -> Result<()> {
-    conn.execute_batch(
+    // One IMMEDIATE transaction takes the write lock before reading the version: a second
+    // process opening the same file at the same time waits (busy_timeout), then finds the
+    // migrations applied instead of failing on "table already exists".
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)
+        .map_err(db_err)?;
+    tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
     )
     .map_err(db_err)?;
-    let current: i64 = conn
-        .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
         .map_err(db_err)?;
     let latest = MIGRATIONS.last().map(|m| m.version).unwrap_or(0);
     if current > latest {
@@ -208,39 +257,36 @@ fn migrate(conn: &Connection) -> Result<()> {
     }
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
         let sql = m.sql.replace("{serial}", SQLITE_SERIAL);
-        let tx = conn.unchecked_transaction().map_err(db_err)?;
         tx.execute_batch(&sql).map_err(db_err)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?1, ?2, ?3)",
             params![m.version, m.name, now_ms()],
         )
         .map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        tracing::info!(version = m.version, name = m.name, "sqlite: migration applied");
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "sqlite: migration applied"
+        );
     }
-    Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    tx.commit().map_err(db_err)
 }
 
 // --- row mapping ---------------------------------------------------------------------------
 
 fn parse_id<T: std::str::FromStr>(s: String) -> rusqlite::Result<T> {
     s.parse().map_err(|_| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("bad id {s}").into())
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            format!("bad id {s}").into(),
+        )
     })
 }
 
 fn conv_err(msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, msg.into())
 }
-
-const MERCHANT_COLS: &str = "id, name, status, version, created_at_ms, updated_at_ms";
 
 fn merchant_row(r: &Row<'_>) -> rusqlite::Result<MerchantRecord> {
     let status: String = r.get(2)?;
@@ -254,8 +300,6 @@ fn merchant_row(r: &Row<'_>) -> rusqlite::Result<MerchantRecord> {
     })
 }
 
-const APP_COLS: &str = "id, merchant_id, name, key_id, secret_ciphertext, created_at_ms";
-
 fn app_row(r: &Row<'_>) -> rusqlite::Result<AppRecord> {
     Ok(AppRecord {
         id: parse_id(r.get(0)?)?,
@@ -266,8 +310,6 @@ fn app_row(r: &Row<'_>) -> rusqlite::Result<AppRecord> {
         created_at_ms: r.get(5)?,
     })
 }
-
-pub(crate) const PAYMENT_COLS: &str = "id, merchant_id, app_id, out_trade_no, amount_minor, currency, subject, method, channel, status, version, notify_url, metadata, channel_trade_no, failure_code, failure_message, idempotency_key, request_hash, expires_at_ms, paid_at_ms, created_at_ms, updated_at_ms";
 
 fn payment_row(r: &Row<'_>) -> rusqlite::Result<PaymentRecord> {
     let status: String = r.get(9)?;
@@ -296,8 +338,6 @@ fn payment_row(r: &Row<'_>) -> rusqlite::Result<PaymentRecord> {
         updated_at_ms: r.get(21)?,
     })
 }
-
-pub(crate) const ATTEMPT_COLS: &str = "id, payment_id, merchant_id, channel, status, version, channel_trade_no, failure_code, failure_message, created_at_ms, updated_at_ms";
 
 fn attempt_row(r: &Row<'_>) -> rusqlite::Result<AttemptRecord> {
     let status: String = r.get(4)?;
@@ -374,9 +414,11 @@ impl Store for SqliteStore {
     async fn get_setting(&self, name: &str) -> Result<Option<String>> {
         let name = name.to_string();
         self.read(move |c| {
-            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0))
-                .optional()
-                .map_err(db_err)
+            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err)
         })
         .await
     }
@@ -384,9 +426,15 @@ impl Store for SqliteStore {
     async fn put_setting_if_absent(&self, name: &str, value: &str) -> Result<String> {
         let (name, value) = (name.to_string(), value.to_string());
         self.write(move |c| {
-            c.execute("INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING", params![name, value])
-                .map_err(db_err)?;
-            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| r.get(0)).map_err(db_err)
+            c.execute(
+                "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+                params![name, value],
+            )
+            .map_err(db_err)?;
+            c.query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .map_err(db_err)
         })
         .await
     }
@@ -396,7 +444,14 @@ impl Store for SqliteStore {
         self.write(move |c| {
             c.execute(
                 &format!("INSERT INTO merchants ({MERCHANT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
-                params![m.id.to_string(), m.name, m.status.as_str(), m.version, m.created_at_ms, m.updated_at_ms],
+                params![
+                    m.id.to_string(),
+                    m.name,
+                    m.status.as_str(),
+                    m.version,
+                    m.created_at_ms,
+                    m.updated_at_ms
+                ],
             )
             .map_err(db_err)?;
             Ok(())
@@ -406,14 +461,22 @@ impl Store for SqliteStore {
 
     async fn get_merchant(&self, id: MerchantId) -> Result<Option<MerchantRecord>> {
         self.read(move |c| {
-            c.query_row(&format!("SELECT {MERCHANT_COLS} FROM merchants WHERE id = ?1"), [id.to_string()], merchant_row)
-                .optional()
-                .map_err(db_err)
+            c.query_row(
+                &format!("SELECT {MERCHANT_COLS} FROM merchants WHERE id = ?1"),
+                [id.to_string()],
+                merchant_row,
+            )
+            .optional()
+            .map_err(db_err)
         })
         .await
     }
 
-    async fn list_merchants(&self, limit: u32, starting_after: Option<MerchantId>) -> Result<Vec<MerchantRecord>> {
+    async fn list_merchants(
+        &self,
+        limit: u32,
+        starting_after: Option<MerchantId>,
+    ) -> Result<Vec<MerchantRecord>> {
         self.read(move |c| {
             let after = starting_after.map(|i| i.to_string());
             let mut s = c
@@ -427,7 +490,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_merchant_status(&self, id: MerchantId, status: MerchantStatus, now_ms: i64) -> Result<Option<MerchantRecord>> {
+    async fn set_merchant_status(
+        &self,
+        id: MerchantId,
+        status: MerchantStatus,
+        now_ms: i64,
+    ) -> Result<Option<MerchantRecord>> {
         self.write(move |c| {
             c.execute(
                 "UPDATE merchants SET status = ?1, version = version + 1, updated_at_ms = ?2 WHERE id = ?3 AND status <> ?1",
@@ -446,7 +514,14 @@ impl Store for SqliteStore {
         self.write(move |c| {
             c.execute(
                 &format!("INSERT INTO apps ({APP_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
-                params![a.id.to_string(), a.merchant_id.to_string(), a.name, a.key_id, a.secret_ciphertext, a.created_at_ms],
+                params![
+                    a.id.to_string(),
+                    a.merchant_id.to_string(),
+                    a.name,
+                    a.key_id,
+                    a.secret_ciphertext,
+                    a.created_at_ms
+                ],
             )
             .map_err(db_err)?;
             Ok(())
@@ -457,9 +532,13 @@ impl Store for SqliteStore {
     async fn get_app_by_key_id(&self, key_id: &str) -> Result<Option<AppRecord>> {
         let key_id = key_id.to_string();
         self.read(move |c| {
-            c.query_row(&format!("SELECT {APP_COLS} FROM apps WHERE key_id = ?1"), [key_id], app_row)
-                .optional()
-                .map_err(db_err)
+            c.query_row(
+                &format!("SELECT {APP_COLS} FROM apps WHERE key_id = ?1"),
+                [key_id],
+                app_row,
+            )
+            .optional()
+            .map_err(db_err)
         })
         .await
     }
@@ -467,9 +546,13 @@ impl Store for SqliteStore {
     async fn list_apps(&self, merchant_id: MerchantId) -> Result<Vec<AppRecord>> {
         self.read(move |c| {
             let mut s = c
-                .prepare_cached(&format!("SELECT {APP_COLS} FROM apps WHERE merchant_id = ?1 ORDER BY id"))
+                .prepare_cached(&format!(
+                    "SELECT {APP_COLS} FROM apps WHERE merchant_id = ?1 ORDER BY id"
+                ))
                 .map_err(db_err)?;
-            let rows = s.query_map([merchant_id.to_string()], app_row).map_err(db_err)?;
+            let rows = s
+                .query_map([merchant_id.to_string()], app_row)
+                .map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
         })
         .await
@@ -508,7 +591,7 @@ impl Store for SqliteStore {
             }
             let (hash, state, status, body, locked_at): (String, String, Option<i64>, Option<String>, i64) = c
                 .query_row(
-                    "SELECT request_hash, state, response_status, response_body, locked_at_ms FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2",
+                    &format!("SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2"),
                     params![k.scope, k.key],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                 )
@@ -526,7 +609,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn complete_idempotency(&self, scope: &str, key: &str, status: u16, body: &str, _now_ms: i64) -> Result<()> {
+    async fn complete_idempotency(
+        &self,
+        scope: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+        _now_ms: i64,
+    ) -> Result<()> {
         let (scope, key, body) = (scope.to_string(), key.to_string(), body.to_string());
         self.write(move |c| {
             c.prepare_cached(
@@ -603,35 +693,63 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn get_payment(&self, merchant_id: MerchantId, id: PaymentId) -> Result<Option<PaymentRecord>> {
+    async fn get_payment(
+        &self,
+        merchant_id: MerchantId,
+        id: PaymentId,
+    ) -> Result<Option<PaymentRecord>> {
         self.read(move |c| {
-            c.prepare_cached(&format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = ?1 AND merchant_id = ?2"))
-                .and_then(|mut s| s.query_row(params![id.to_string(), merchant_id.to_string()], payment_row).optional())
-                .map_err(db_err)
+            c.prepare_cached(&format!(
+                "SELECT {PAYMENT_COLS} FROM payments WHERE id = ?1 AND merchant_id = ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(
+                    params![id.to_string(), merchant_id.to_string()],
+                    payment_row,
+                )
+                .optional()
+            })
+            .map_err(db_err)
         })
         .await
     }
 
-    async fn get_payment_by_out_trade_no(&self, merchant_id: MerchantId, out_trade_no: &str) -> Result<Option<PaymentRecord>> {
+    async fn get_payment_by_out_trade_no(
+        &self,
+        merchant_id: MerchantId,
+        out_trade_no: &str,
+    ) -> Result<Option<PaymentRecord>> {
         let otn = out_trade_no.to_string();
         self.read(move |c| {
-            c.prepare_cached(&format!("SELECT {PAYMENT_COLS} FROM payments WHERE merchant_id = ?1 AND out_trade_no = ?2"))
-                .and_then(|mut s| s.query_row(params![merchant_id.to_string(), otn], payment_row).optional())
-                .map_err(db_err)
+            c.prepare_cached(&format!(
+                "SELECT {PAYMENT_COLS} FROM payments WHERE merchant_id = ?1 AND out_trade_no = ?2"
+            ))
+            .and_then(|mut s| {
+                s.query_row(params![merchant_id.to_string(), otn], payment_row)
+                    .optional()
+            })
+            .map_err(db_err)
         })
         .await
     }
 
     async fn get_payment_any(&self, id: PaymentId) -> Result<Option<PaymentRecord>> {
         self.read(move |c| {
-            c.prepare_cached(&format!("SELECT {PAYMENT_COLS} FROM payments WHERE id = ?1"))
-                .and_then(|mut s| s.query_row([id.to_string()], payment_row).optional())
-                .map_err(db_err)
+            c.prepare_cached(&format!(
+                "SELECT {PAYMENT_COLS} FROM payments WHERE id = ?1"
+            ))
+            .and_then(|mut s| s.query_row([id.to_string()], payment_row).optional())
+            .map_err(db_err)
         })
         .await
     }
 
-    async fn list_payments(&self, merchant_id: MerchantId, limit: u32, starting_after: Option<PaymentId>) -> Result<Vec<PaymentRecord>> {
+    async fn list_payments(
+        &self,
+        merchant_id: MerchantId,
+        limit: u32,
+        starting_after: Option<PaymentId>,
+    ) -> Result<Vec<PaymentRecord>> {
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
@@ -649,9 +767,13 @@ impl Store for SqliteStore {
     async fn get_attempts(&self, payment_id: PaymentId) -> Result<Vec<AttemptRecord>> {
         self.read(move |c| {
             let mut s = c
-                .prepare_cached(&format!("SELECT {ATTEMPT_COLS} FROM payment_attempts WHERE payment_id = ?1 ORDER BY id"))
+                .prepare_cached(&format!(
+                    "SELECT {ATTEMPT_COLS} FROM payment_attempts WHERE payment_id = ?1 ORDER BY id"
+                ))
                 .map_err(db_err)?;
-            let rows = s.query_map([payment_id.to_string()], attempt_row).map_err(db_err)?;
+            let rows = s
+                .query_map([payment_id.to_string()], attempt_row)
+                .map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
         })
         .await
@@ -702,7 +824,10 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn count_payments_by_status(&self, merchant_id: MerchantId) -> Result<Vec<(String, i64)>> {
+    async fn count_payments_by_status(
+        &self,
+        merchant_id: MerchantId,
+    ) -> Result<Vec<(String, i64)>> {
         self.read(move |c| {
             let mut s = c
                 .prepare_cached("SELECT status, COUNT(*) FROM payments WHERE merchant_id = ?1 GROUP BY status ORDER BY status")
@@ -713,15 +838,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn lease_jobs(&self, kind: &str, now_ms: i64, lease_ms: i64, limit: u32) -> Result<Vec<JobRecord>> {
+    async fn lease_jobs(
+        &self,
+        kind: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>> {
         let kind = kind.to_string();
         self.write(move |c| {
             let mut s = c
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "UPDATE jobs SET run_at_ms = ?2 + ?3, attempts = attempts + 1 \
                      WHERE kind = ?1 AND subject_id IN (SELECT subject_id FROM jobs WHERE kind = ?1 AND run_at_ms <= ?2 ORDER BY run_at_ms LIMIT ?4) \
-                     RETURNING kind, subject_id, run_at_ms, attempts, created_at_ms",
-                )
+                     RETURNING {JOB_COLS}",
+                ))
                 .map_err(db_err)?;
             let rows = s.query_map(params![kind, now_ms, lease_ms, limit], job_row).map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
@@ -736,17 +867,26 @@ impl Store for SqliteStore {
 
     async fn count_jobs(&self, kind: &str) -> Result<i64> {
         let kind = kind.to_string();
-        self.read(move |c| c.query_row("SELECT COUNT(*) FROM jobs WHERE kind = ?1", [kind], |r| r.get(0)).map_err(db_err))
-            .await
+        self.read(move |c| {
+            c.query_row("SELECT COUNT(*) FROM jobs WHERE kind = ?1", [kind], |r| {
+                r.get(0)
+            })
+            .map_err(db_err)
+        })
+        .await
     }
 
-    async fn list_events(&self, merchant_id: MerchantId, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
+    async fn list_events(
+        &self,
+        merchant_id: MerchantId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>> {
         self.read(move |c| {
             let mut s = c
-                .prepare_cached(
-                    "SELECT seq, id, merchant_id, event_type, object_id, payload, created_at_ms FROM outbox \
-                     WHERE merchant_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-                )
+                .prepare_cached(&format!(
+                    "SELECT {EVENT_COLS} FROM outbox WHERE merchant_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ))
                 .map_err(db_err)?;
             let rows = s.query_map(params![merchant_id.to_string(), after_seq, limit], event_row).map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
@@ -758,7 +898,7 @@ impl Store for SqliteStore {
         let a = a.clone();
         self.write(move |c| {
             c.execute(
-                "INSERT INTO alerts (kind, subject_id, detail, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                &format!("INSERT INTO alerts ({ALERT_COLS}) VALUES (?1, ?2, ?3, ?4)"),
                 params![a.kind, a.subject_id, a.detail, a.created_at_ms],
             )
             .map_err(db_err)?;
@@ -770,11 +910,18 @@ impl Store for SqliteStore {
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>> {
         self.read(move |c| {
             let mut s = c
-                .prepare_cached("SELECT kind, subject_id, detail, created_at_ms FROM alerts ORDER BY seq DESC LIMIT ?1")
+                .prepare_cached(&format!(
+                    "SELECT {ALERT_COLS} FROM alerts ORDER BY seq DESC LIMIT ?1"
+                ))
                 .map_err(db_err)?;
             let rows = s
                 .query_map([limit], |r| {
-                    Ok(AlertRecord { kind: r.get(0)?, subject_id: r.get(1)?, detail: r.get(2)?, created_at_ms: r.get(3)? })
+                    Ok(AlertRecord {
+                        kind: r.get(0)?,
+                        subject_id: r.get(1)?,
+                        detail: r.get(2)?,
+                        created_at_ms: r.get(3)?,
+                    })
                 })
                 .map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
@@ -784,33 +931,20 @@ impl Store for SqliteStore {
 
     async fn prune(&self, now_ms: i64, keys_before_ms: i64) -> Result<u64> {
         self.write(move |c| {
-            let a = c.execute("DELETE FROM request_nonces WHERE expires_at_ms < ?1", [now_ms]).map_err(db_err)?;
+            let a = c
+                .execute(
+                    "DELETE FROM request_nonces WHERE expires_at_ms < ?1",
+                    [now_ms],
+                )
+                .map_err(db_err)?;
             let b = c
-                .execute("DELETE FROM idempotency_keys WHERE created_at_ms < ?1 AND state = 'completed'", [keys_before_ms])
+                .execute(
+                    "DELETE FROM idempotency_keys WHERE created_at_ms < ?1 AND state = 'completed'",
+                    [keys_before_ms],
+                )
                 .map_err(db_err)?;
             Ok((a + b) as u64)
         })
         .await
-    }
-}
-
-/// Shared by both backends: what an existing idempotency row means for a new request.
-pub(crate) fn idempotency_state(
-    claim: &IdempotencyClaim,
-    stored_hash: &str,
-    state: &str,
-    status: Option<i64>,
-    body: Option<String>,
-    locked_at_ms: i64,
-) -> IdempotencyState {
-    if stored_hash != claim.request_hash {
-        return IdempotencyState::Mismatch;
-    }
-    match (state, status, body) {
-        ("completed", Some(status), Some(body)) => {
-            IdempotencyState::Replay { status: u16::try_from(status).unwrap_or(500), body }
-        }
-        _ if locked_at_ms < claim.now_ms.saturating_sub(claim.stale_after_ms) => IdempotencyState::New,
-        _ => IdempotencyState::InProgress,
     }
 }

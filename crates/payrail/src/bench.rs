@@ -75,7 +75,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut tmp_dir = None;
     let (url, token, database) = match &args.target {
         Some(url) => {
-            let token = args.operator_token.clone().context("--target needs --operator-token (or PAYRAIL_OPERATOR_TOKEN)")?;
+            let token = args
+                .operator_token
+                .clone()
+                .context("--target needs --operator-token (or PAYRAIL_OPERATOR_TOKEN)")?;
             (url.clone(), token, "remote".to_string())
         }
         None => {
@@ -100,11 +103,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 demo_merchant: false,
                 master_key: Some(payrail_engine::crypto::MasterKey::generate_hex()),
                 operator_token: Some(Secret::new(token.clone())),
+                announce: false,
             };
             let engine = crate::serve::build_engine(&config).await?;
             let backend = engine.store.backend().to_string();
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let handle = tokio::spawn(async move { crate::serve::run_server(engine, &config, Some(stop_rx)).await });
+            let handle = tokio::spawn(async move {
+                crate::serve::run_server(engine, &config, Some(stop_rx)).await
+            });
             server = Some((stop_tx, handle));
             tmp_dir = Some(dir);
             (format!("http://{addr}"), token, backend)
@@ -129,7 +135,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 tokio::time::sleep_until((started + Duration::from_secs(s)).into()).await;
                 let n = done.load(Ordering::Relaxed);
                 let bar_len = (s * 30 / duration) as usize;
-                eprint!("\r  [{:<30}] {s:>4}/{duration} s  {n:>9} payments  {:>7}/s ", "#".repeat(bar_len), n - last);
+                eprint!(
+                    "\r  [{:<30}] {s:>4}/{duration} s  {n:>9} payments  {:>7}/s ",
+                    "#".repeat(bar_len),
+                    n - last
+                );
                 last = n;
             }
             eprintln!();
@@ -138,8 +148,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let run_tag = nonce()[..8].to_string();
     let mut handles = Vec::with_capacity(args.concurrency);
     for w in 0..args.concurrency {
-        let (client, creds, done, run_tag) = (client.clone(), creds.clone(), done.clone(), run_tag.clone());
-        handles.push(tokio::spawn(async move { drive(w, client, creds, done, deadline, run_tag).await }));
+        let (client, creds, done, run_tag) =
+            (client.clone(), creds.clone(), done.clone(), run_tag.clone());
+        handles.push(tokio::spawn(async move {
+            drive(w, client, creds, done, deadline, run_tag).await
+        }));
     }
     let mut workers = Vec::with_capacity(handles.len());
     for h in handles {
@@ -148,10 +161,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let _ = progress.await;
 
-    let mut lat: Vec<u32> = workers.iter().flat_map(|w| w.latencies_us.iter().copied()).collect();
+    let mut lat: Vec<u32> = workers
+        .iter()
+        .flat_map(|w| w.latencies_us.iter().copied())
+        .collect();
     lat.sort_unstable();
     let errors: u64 = workers.iter().map(|w| w.errors).sum();
-    let acked: HashMap<String, String> = workers.iter().flat_map(|w| w.acked.iter().cloned()).collect();
+    let acked: HashMap<String, String> = workers
+        .iter()
+        .flat_map(|w| w.acked.iter().cloned())
+        .collect();
     let first_error = workers.iter().find_map(|w| w.first_error.clone());
 
     eprintln!("  verifying {} acknowledged payments…", acked.len());
@@ -181,11 +200,31 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         println!("{result}");
     } else {
-        println!("payrail bench: {} on {} ({} clients, {:.1} s)", result["target"], result["database"], args.concurrency, elapsed);
+        println!(
+            "payrail bench: {} on {} ({} clients, {:.1} s)",
+            result["target"], result["database"], args.concurrency, elapsed
+        );
         println!("  payments/s      {}", result["payments_per_sec"]);
-        println!("  latency ms      p50 {}  p95 {}  p99 {}  max {}", result["latency_ms_p50"], result["latency_ms_p95"], result["latency_ms_p99"], result["latency_ms_max"]);
-        println!("  acknowledged    {}   errors {}", result["acknowledged"], errors);
-        println!("  peak RSS        {} MiB{}", result["peak_rss_mb"], if args.target.is_some() { " (client only)" } else { " (server + client)" });
+        println!(
+            "  latency ms      p50 {}  p95 {}  p99 {}  max {}",
+            result["latency_ms_p50"],
+            result["latency_ms_p95"],
+            result["latency_ms_p99"],
+            result["latency_ms_max"]
+        );
+        println!(
+            "  acknowledged    {}   errors {}",
+            result["acknowledged"], errors
+        );
+        println!(
+            "  peak RSS        {} MiB{}",
+            result["peak_rss_mb"],
+            if args.target.is_some() {
+                " (client only)"
+            } else {
+                " (server + client)"
+            }
+        );
         println!("  verified        {verified}  ({verify_note})");
     }
     if let Some(e) = first_error {
@@ -207,8 +246,20 @@ async fn wait_healthy(client: &PayrailClient) -> Result<()> {
     bail!("server at {} did not become healthy", client.base_url())
 }
 
-async fn drive(w: usize, client: PayrailClient, creds: Credentials, done: Arc<AtomicU64>, deadline: Instant, run_tag: String) -> Worker {
-    let mut out = Worker { latencies_us: Vec::with_capacity(1 << 14), acked: Vec::new(), errors: 0, first_error: None };
+async fn drive(
+    w: usize,
+    client: PayrailClient,
+    creds: Credentials,
+    done: Arc<AtomicU64>,
+    deadline: Instant,
+    run_tag: String,
+) -> Worker {
+    let mut out = Worker {
+        latencies_us: Vec::with_capacity(1 << 14),
+        acked: Vec::new(),
+        errors: 0,
+        first_error: None,
+    };
     let mut i: u64 = 0;
     while Instant::now() < deadline {
         i += 1;
@@ -218,7 +269,15 @@ async fn drive(w: usize, client: PayrailClient, creds: Credentials, done: Arc<At
         })
         .to_string();
         let t0 = Instant::now();
-        let res = client.signed(&creds, Method::POST, "/v1/payments", Some(&body), Some(&nonce())).await;
+        let res = client
+            .signed(
+                &creds,
+                Method::POST,
+                "/v1/payments",
+                Some(&body),
+                Some(&nonce()),
+            )
+            .await;
         let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
         match res {
             Ok(a) if a.status == 200 => {
@@ -230,7 +289,8 @@ async fn drive(w: usize, client: PayrailClient, creds: Credentials, done: Arc<At
             }
             Ok(a) => {
                 out.errors += 1;
-                out.first_error.get_or_insert_with(|| format!("HTTP {} {}", a.status, a.body));
+                out.first_error
+                    .get_or_insert_with(|| format!("HTTP {} {}", a.status, a.body));
             }
             Err(e) => {
                 out.errors += 1;
@@ -242,7 +302,11 @@ async fn drive(w: usize, client: PayrailClient, creds: Credentials, done: Arc<At
 }
 
 /// Lists every payment of the bench merchant through the API and checks each acknowledged one.
-async fn verify(client: &PayrailClient, creds: &Credentials, acked: &HashMap<String, String>) -> Result<(bool, String)> {
+async fn verify(
+    client: &PayrailClient,
+    creds: &Credentials,
+    acked: &HashMap<String, String>,
+) -> Result<(bool, String)> {
     let mut stored: HashMap<String, String> = HashMap::with_capacity(acked.len());
     let mut after: Option<String> = None;
     for _ in 0..VERIFY_PAGES_MAX {
@@ -252,19 +316,32 @@ async fn verify(client: &PayrailClient, creds: &Credentials, acked: &HashMap<Str
         };
         let page = client.signed(creds, Method::GET, &path, None, None).await?;
         if page.status != 200 {
-            bail!("listing payments failed: HTTP {} {}", page.status, page.body);
+            bail!(
+                "listing payments failed: HTTP {} {}",
+                page.status,
+                page.body
+            );
         }
         let data = page.body["data"].as_array().cloned().unwrap_or_default();
         for p in &data {
-            stored.insert(p["id"].as_str().unwrap_or_default().into(), p["status"].as_str().unwrap_or_default().into());
+            stored.insert(
+                p["id"].as_str().unwrap_or_default().into(),
+                p["status"].as_str().unwrap_or_default().into(),
+            );
         }
-        after = data.last().and_then(|p| p["id"].as_str()).map(str::to_string);
+        after = data
+            .last()
+            .and_then(|p| p["id"].as_str())
+            .map(str::to_string);
         if page.body["has_more"] != Value::Bool(true) || after.is_none() {
             break;
         }
     }
     let missing = acked.keys().filter(|id| !stored.contains_key(*id)).count();
-    let wrong = acked.iter().filter(|(id, st)| stored.get(*id).is_some_and(|s| s != *st)).count();
+    let wrong = acked
+        .iter()
+        .filter(|(id, st)| stored.get(*id).is_some_and(|s| s != *st))
+        .count();
     let not_succeeded = acked.values().filter(|s| *s != "succeeded").count();
     let ok = missing == 0 && wrong == 0 && not_succeeded == 0 && !acked.is_empty();
     Ok((ok, format!("{} stored, {missing} missing, {wrong} with another status, {not_succeeded} not succeeded", stored.len())))

@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub channel_timeout_ms: Option<u64>,
     pub sync_first_delay_ms: Option<i64>,
     pub sync_max_delay_ms: Option<i64>,
+    pub sync_lease_ms: Option<i64>,
     pub worker_poll_ms: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
     pub demo_merchant: Option<bool>,
@@ -47,6 +48,8 @@ pub struct Config {
     pub demo_merchant: bool,
     pub master_key: Option<Secret<String>>,
     pub operator_token: Option<Secret<String>>,
+    /// Print the listening address on stdout (off for the in-process bench).
+    pub announce: bool,
 }
 
 /// Every environment variable the server reads; any other `PAYRAIL_*` draws a warning.
@@ -61,6 +64,7 @@ pub const ENV_VARS: &[&str] = &[
     "PAYRAIL_CHANNEL_TIMEOUT_MS",
     "PAYRAIL_SYNC_FIRST_DELAY_MS",
     "PAYRAIL_SYNC_MAX_DELAY_MS",
+    "PAYRAIL_SYNC_LEASE_MS",
     "PAYRAIL_WORKER_POLL_MS",
     "PAYRAIL_SHUTDOWN_GRACE_MS",
     "PAYRAIL_DEMO_MERCHANT",
@@ -83,8 +87,11 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn parse_num<T: std::str::FromStr>(name: &str, v: Option<String>) -> Result<Option<T>> {
-    v.map(|s| s.parse::<T>().map_err(|_| anyhow::anyhow!("{name}={s:?} is not a valid number")))
-        .transpose()
+    v.map(|s| {
+        s.parse::<T>()
+            .map_err(|_| anyhow::anyhow!("{name}={s:?} is not a valid number"))
+    })
+    .transpose()
 }
 
 fn parse_bool(name: &str, v: Option<String>) -> Result<Option<bool>> {
@@ -98,17 +105,29 @@ fn parse_bool(name: &str, v: Option<String>) -> Result<Option<bool>> {
 
 impl Config {
     pub fn load(o: &Overrides) -> Result<Config> {
-        let path = o.config.clone().or_else(|| env("PAYRAIL_CONFIG").map(PathBuf::from));
+        let path = o
+            .config
+            .clone()
+            .or_else(|| env("PAYRAIL_CONFIG").map(PathBuf::from));
         let file = match &path {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
-        let listen = o.listen.clone().or_else(|| env("PAYRAIL_LISTEN")).or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen: SocketAddr = listen
-            .parse()
-            .with_context(|| format!("listen address {listen:?} is not HOST:PORT (for example 127.0.0.1:8080)"))?;
+        let listen = o
+            .listen
+            .clone()
+            .or_else(|| env("PAYRAIL_LISTEN"))
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen.parse().with_context(|| {
+            format!("listen address {listen:?} is not HOST:PORT (for example 127.0.0.1:8080)")
+        })?;
         let data_dir = PathBuf::from(
-            o.data_dir.clone().or_else(|| env("PAYRAIL_DATA_DIR")).or(file.data_dir).unwrap_or_else(|| "./payrail-data".into()),
+            o.data_dir
+                .clone()
+                .or_else(|| env("PAYRAIL_DATA_DIR"))
+                .or(file.data_dir)
+                .unwrap_or_else(|| "./payrail-data".into()),
         );
         let database_url = o
             .database_url
@@ -116,10 +135,21 @@ impl Config {
             .or_else(|| env("PAYRAIL_DATABASE_URL"))
             .or(file.database_url)
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("payrail.db").display()));
-        if !(database_url.starts_with("sqlite://") || database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            bail!("database URL must start with sqlite:// or postgres:// (got {})", payrail_store::redact_url(&database_url));
+        if !(database_url.starts_with("sqlite://")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            bail!(
+                "database URL must start with sqlite:// or postgres:// (got {})",
+                payrail_store::redact_url(&database_url)
+            );
         }
-        let roles = o.roles.clone().or_else(|| env("PAYRAIL_ROLES")).or(file.roles).unwrap_or_else(|| "api,worker".into());
+        let roles = o
+            .roles
+            .clone()
+            .or_else(|| env("PAYRAIL_ROLES"))
+            .or(file.roles)
+            .unwrap_or_else(|| "api,worker".into());
         let (mut api, mut worker) = (false, false);
         for r in roles.split(',').map(str::trim).filter(|r| !r.is_empty()) {
             match r {
@@ -136,39 +166,81 @@ impl Config {
             Some("text") => LogFormat::Text,
             None => {
                 use std::io::IsTerminal;
-                if std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json }
+                if std::io::stderr().is_terminal() {
+                    LogFormat::Text
+                } else {
+                    LogFormat::Json
+                }
             }
             Some(other) => bail!("log format {other:?} must be json or text"),
         };
         let mut engine = EngineConfig::default();
-        if let Some(v) = parse_num("PAYRAIL_CHANNEL_TIMEOUT_MS", env("PAYRAIL_CHANNEL_TIMEOUT_MS"))?.or(file.channel_timeout_ms) {
+        if let Some(v) = parse_num(
+            "PAYRAIL_CHANNEL_TIMEOUT_MS",
+            env("PAYRAIL_CHANNEL_TIMEOUT_MS"),
+        )?
+        .or(file.channel_timeout_ms)
+        {
             engine.channel_timeout_ms = v;
         }
-        if let Some(v) = parse_num("PAYRAIL_SYNC_FIRST_DELAY_MS", env("PAYRAIL_SYNC_FIRST_DELAY_MS"))?.or(file.sync_first_delay_ms) {
+        if let Some(v) = parse_num(
+            "PAYRAIL_SYNC_FIRST_DELAY_MS",
+            env("PAYRAIL_SYNC_FIRST_DELAY_MS"),
+        )?
+        .or(file.sync_first_delay_ms)
+        {
             engine.sync_first_delay_ms = v;
         }
-        if let Some(v) = parse_num("PAYRAIL_SYNC_MAX_DELAY_MS", env("PAYRAIL_SYNC_MAX_DELAY_MS"))?.or(file.sync_max_delay_ms) {
+        if let Some(v) = parse_num(
+            "PAYRAIL_SYNC_MAX_DELAY_MS",
+            env("PAYRAIL_SYNC_MAX_DELAY_MS"),
+        )?
+        .or(file.sync_max_delay_ms)
+        {
             engine.sync_max_delay_ms = v;
         }
-        if let Some(v) = parse_num("PAYRAIL_WORKER_POLL_MS", env("PAYRAIL_WORKER_POLL_MS"))?.or(file.worker_poll_ms) {
+        if let Some(v) =
+            parse_num("PAYRAIL_SYNC_LEASE_MS", env("PAYRAIL_SYNC_LEASE_MS"))?.or(file.sync_lease_ms)
+        {
+            engine.sync_lease_ms = v;
+        }
+        if let Some(v) = parse_num("PAYRAIL_WORKER_POLL_MS", env("PAYRAIL_WORKER_POLL_MS"))?
+            .or(file.worker_poll_ms)
+        {
             engine.worker_poll_ms = v;
         }
         if !(50..=120_000).contains(&engine.channel_timeout_ms) {
             bail!("channel_timeout_ms must be between 50 and 120000");
         }
-        if !(10..=3_600_000).contains(&engine.sync_first_delay_ms) || engine.sync_max_delay_ms < engine.sync_first_delay_ms {
+        if !(10..=3_600_000).contains(&engine.sync_first_delay_ms)
+            || engine.sync_max_delay_ms < engine.sync_first_delay_ms
+        {
             bail!("sync_first_delay_ms must be 10..3600000 and not above sync_max_delay_ms");
+        }
+        // A lease must outlast the job it covers (one channel call), or two workers could run it.
+        let lease_min_ms = i64::try_from(engine.channel_timeout_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(2);
+        if engine.sync_lease_ms < lease_min_ms || engine.sync_lease_ms > 3_600_000 {
+            bail!("sync_lease_ms must be at least twice channel_timeout_ms ({lease_min_ms}) and at most 3600000");
         }
         if !(10..=60_000).contains(&engine.worker_poll_ms) {
             bail!("worker_poll_ms must be between 10 and 60000");
         }
-        let shutdown_grace_ms =
-            parse_num("PAYRAIL_SHUTDOWN_GRACE_MS", env("PAYRAIL_SHUTDOWN_GRACE_MS"))?.or(file.shutdown_grace_ms).unwrap_or(10_000);
+        let shutdown_grace_ms = parse_num(
+            "PAYRAIL_SHUTDOWN_GRACE_MS",
+            env("PAYRAIL_SHUTDOWN_GRACE_MS"),
+        )?
+        .or(file.shutdown_grace_ms)
+        .unwrap_or(10_000);
         let demo_merchant = parse_bool("PAYRAIL_DEMO_MERCHANT", env("PAYRAIL_DEMO_MERCHANT"))?
             .or(file.demo_merchant)
             .unwrap_or(database_url.starts_with("sqlite://"));
         for (k, _) in std::env::vars() {
-            if k.starts_with("PAYRAIL_") && !k.starts_with("PAYRAIL_TEST_") && !ENV_VARS.contains(&k.as_str()) {
+            if k.starts_with("PAYRAIL_")
+                && !k.starts_with("PAYRAIL_TEST_")
+                && !ENV_VARS.contains(&k.as_str())
+            {
                 eprintln!("warning: unknown environment variable {k} is ignored");
             }
         }
@@ -178,19 +250,23 @@ impl Config {
             database_url,
             api,
             worker,
-            log_level: env("PAYRAIL_LOG").or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_level: env("PAYRAIL_LOG")
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
             log_format,
             engine,
             shutdown_grace_ms,
             demo_merchant,
             master_key: env("PAYRAIL_MASTER_KEY").map(Secret::new),
             operator_token: env("PAYRAIL_OPERATOR_TOKEN").map(Secret::new),
+            announce: true,
         })
     }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
@@ -200,9 +276,12 @@ mod tests {
 
     #[test]
     fn file_rejects_unknown_keys() {
-        let e = toml::from_str::<FileConfig>("listn = \"x\"").unwrap_err().to_string();
+        let e = toml::from_str::<FileConfig>("listn = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field"), "{e}");
-        let ok: FileConfig = toml::from_str("listen = \"127.0.0.1:9\"\nchannel_timeout_ms = 500").unwrap();
+        let ok: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:9\"\nchannel_timeout_ms = 500").unwrap();
         assert_eq!(ok.channel_timeout_ms, Some(500));
     }
 }

@@ -26,16 +26,27 @@ pub struct DemoArgs {
 fn show(step: &str, a: &Answer) {
     let summary = match (a.body.get("status"), a.error_code()) {
         (Some(Value::String(s)), _) => format!("status={s}"),
-        (_, Some(code)) => format!("error={code}: {}", a.body["error"]["message"].as_str().unwrap_or("")),
+        (_, Some(code)) => format!(
+            "error={code}: {}",
+            a.body["error"]["message"].as_str().unwrap_or("")
+        ),
         _ => String::new(),
     };
-    let replay = if a.replayed { "  (idempotent replay)" } else { "" };
+    let replay = if a.replayed {
+        "  (idempotent replay)"
+    } else {
+        ""
+    };
     println!("  {step:<58} HTTP {}  {summary}{replay}", a.status);
 }
 
 fn expect(a: &Answer, status: u16, what: &str) -> Result<()> {
     if a.status != status {
-        bail!("{what}: expected HTTP {status}, got {} {}", a.status, a.body);
+        bail!(
+            "{what}: expected HTTP {status}, got {} {}",
+            a.status,
+            a.body
+        );
     }
     Ok(())
 }
@@ -46,18 +57,34 @@ fn payment_body(amount: i64, otn: &str, subject: &str) -> String {
 
 pub async fn run(args: DemoArgs) -> Result<()> {
     let (url, creds) = match (args.key_id, args.secret) {
-        (Some(key_id), Some(secret)) => (args.url.unwrap_or_else(|| "http://127.0.0.1:8080".into()), Credentials { key_id, secret }),
+        (Some(key_id), Some(secret)) => (
+            args.url.unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+            Credentials { key_id, secret },
+        ),
         _ => {
             let text = std::fs::read_to_string(&args.credentials).with_context(|| {
                 format!("cannot read {}; start `payrail serve` first (it writes the demo credentials there) or pass --key-id and --secret", args.credentials.display())
             })?;
             let v: Value = serde_json::from_str(&text).context("credentials file is not JSON")?;
-            let s = |k: &str| v[k].as_str().map(str::to_string).with_context(|| format!("credentials file lacks {k}"));
-            (args.url.map(Ok).unwrap_or_else(|| s("url"))?, Credentials { key_id: s("key_id")?, secret: s("secret")? })
+            let s = |k: &str| {
+                v[k].as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("credentials file lacks {k}"))
+            };
+            (
+                args.url.map(Ok).unwrap_or_else(|| s("url"))?,
+                Credentials {
+                    key_id: s("key_id")?,
+                    secret: s("secret")?,
+                },
+            )
         }
     };
     let c = PayrailClient::new(&url);
-    let (status, _) = c.get("/healthz").await.with_context(|| format!("no payrail server at {url}; start it with `payrail serve`"))?;
+    let (status, _) = c
+        .get("/healthz")
+        .await
+        .with_context(|| format!("no payrail server at {url}; start it with `payrail serve`"))?;
     if status != 200 {
         bail!("{url}/healthz answered HTTP {status}");
     }
@@ -68,23 +95,66 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let otn = format!("demo-{run_id}-1");
     let body = payment_body(1200, &otn, "Coffee x2");
     let key = nonce();
-    let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&body), Some(&key)).await?;
+    let a = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&body),
+            Some(&key),
+        )
+        .await?;
     show("POST /v1/payments  12.00 CNY", &a);
     expect(&a, 200, "create payment")?;
     let id = a.body["id"].as_str().unwrap_or_default().to_string();
-    println!("     id={id} channel_trade_no={}", a.body["channel_trade_no"]);
-    let r = c.signed(&creds, Method::POST, "/v1/payments", Some(&body), Some(&key)).await?;
+    println!(
+        "     id={id} channel_trade_no={}",
+        a.body["channel_trade_no"]
+    );
+    let r = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&body),
+            Some(&key),
+        )
+        .await?;
     show("same request, same Idempotency-Key (a client retry)", &r);
     if r.body["id"] != a.body["id"] || !r.replayed {
         bail!("the retry did not return the same payment");
     }
-    let g = c.signed(&creds, Method::GET, &format!("/v1/payments/{id}"), None, None).await?;
+    let g = c
+        .signed(
+            &creds,
+            Method::GET,
+            &format!("/v1/payments/{id}"),
+            None,
+            None,
+        )
+        .await?;
     show(&format!("GET /v1/payments/{id}"), &g);
-    let g = c.signed(&creds, Method::GET, &format!("/v1/payments/out_trade_no/{otn}"), None, None).await?;
+    let g = c
+        .signed(
+            &creds,
+            Method::GET,
+            &format!("/v1/payments/out_trade_no/{otn}"),
+            None,
+            None,
+        )
+        .await?;
     show("GET by out_trade_no", &g);
 
     println!("\n2. A payment the payer confirms a few seconds later (amount ending in 02)");
-    let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&payment_body(1002, &format!("demo-{run_id}-2"), "Tea")), Some(&nonce())).await?;
+    let a = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&payment_body(1002, &format!("demo-{run_id}-2"), "Tea")),
+            Some(&nonce()),
+        )
+        .await?;
     show("POST /v1/payments  10.02 CNY", &a);
     expect(&a, 200, "create pending payment")?;
     let pid = a.body["id"].as_str().unwrap_or_default().to_string();
@@ -92,21 +162,67 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut last = a;
     while last.body["status"] == "processing" && started.elapsed() < Duration::from_secs(45) {
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        last = c.signed(&creds, Method::GET, &format!("/v1/payments/{pid}"), None, None).await?;
+        last = c
+            .signed(
+                &creds,
+                Method::GET,
+                &format!("/v1/payments/{pid}"),
+                None,
+                None,
+            )
+            .await?;
     }
-    show(&format!("status-sync worker resolved it after {:.1} s", started.elapsed().as_secs_f64()), &last);
+    show(
+        &format!(
+            "status-sync worker resolved it after {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+        &last,
+    );
 
     println!("\n3. Closing an unpaid payment (amount ending in 04: the payer never pays)");
-    let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&payment_body(1504, &format!("demo-{run_id}-3"), "Cake")), Some(&nonce())).await?;
+    let a = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&payment_body(1504, &format!("demo-{run_id}-3"), "Cake")),
+            Some(&nonce()),
+        )
+        .await?;
     show("POST /v1/payments  15.04 CNY", &a);
     let cid = a.body["id"].as_str().unwrap_or_default().to_string();
-    let cl = c.signed(&creds, Method::POST, &format!("/v1/payments/{cid}/close"), None, Some(&nonce())).await?;
+    let cl = c
+        .signed(
+            &creds,
+            Method::POST,
+            &format!("/v1/payments/{cid}/close"),
+            None,
+            Some(&nonce()),
+        )
+        .await?;
     show(&format!("POST /v1/payments/{cid}/close"), &cl);
-    let cl2 = c.signed(&creds, Method::POST, &format!("/v1/payments/{id}/close"), None, Some(&nonce())).await?;
+    let cl2 = c
+        .signed(
+            &creds,
+            Method::POST,
+            &format!("/v1/payments/{id}/close"),
+            None,
+            Some(&nonce()),
+        )
+        .await?;
     show("closing the succeeded payment from step 1", &cl2);
 
     println!("\n4. A declined payment (amount ending in 01)");
-    let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&payment_body(2001, &format!("demo-{run_id}-4"), "Book")), Some(&nonce())).await?;
+    let a = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&payment_body(2001, &format!("demo-{run_id}-4"), "Book")),
+            Some(&nonce()),
+        )
+        .await?;
     show("POST /v1/payments  20.01 CNY", &a);
     println!("     failure={}", a.body["failure"]);
 
@@ -121,18 +237,55 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ("out_trade_no reused from step 1", payment_body(1200, &otn, "again")),
     ];
     for (what, body) in bad {
-        let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&body), Some(&nonce())).await?;
+        let a = c
+            .signed(
+                &creds,
+                Method::POST,
+                "/v1/payments",
+                Some(&body),
+                Some(&nonce()),
+            )
+            .await?;
         show(what, &a);
     }
-    let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&payment_body(100, "b8", "x")), None).await?;
+    let a = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&payment_body(100, "b8", "x")),
+            None,
+        )
+        .await?;
     show("no Idempotency-Key", &a);
-    let a = c.signed(&creds, Method::POST, "/v1/payments", Some(&payment_body(999, &otn, "other")), Some(&key)).await?;
+    let a = c
+        .signed(
+            &creds,
+            Method::POST,
+            "/v1/payments",
+            Some(&payment_body(999, &otn, "other")),
+            Some(&key),
+        )
+        .await?;
     show("step 1's Idempotency-Key with another body", &a);
-    let wrong = Credentials { key_id: creds.key_id.clone(), secret: "sk_wrong".into() };
-    let a = c.signed(&wrong, Method::GET, &format!("/v1/payments/{id}"), None, None).await?;
+    let wrong = Credentials {
+        key_id: creds.key_id.clone(),
+        secret: "sk_wrong".into(),
+    };
+    let a = c
+        .signed(
+            &wrong,
+            Method::GET,
+            &format!("/v1/payments/{id}"),
+            None,
+            None,
+        )
+        .await?;
     show("signed with a wrong secret", &a);
 
-    let l = c.signed(&creds, Method::GET, "/v1/payments?limit=3", None, None).await?;
+    let l = c
+        .signed(&creds, Method::GET, "/v1/payments?limit=3", None, None)
+        .await?;
     println!(
         "\n6. GET /v1/payments?limit=3 -> {} payments, has_more={}",
         l.body["data"].as_array().map(Vec::len).unwrap_or(0),

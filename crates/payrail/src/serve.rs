@@ -30,10 +30,18 @@ fn load_config(o: &Overrides) -> Result<Config> {
 }
 
 pub fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
@@ -42,7 +50,8 @@ pub fn init_logging(level: &str, format: LogFormat) {
 /// generating that file on first start.
 fn master_key(config: &Config) -> Result<MasterKey> {
     if let Some(k) = &config.master_key {
-        return MasterKey::parse(k).map_err(|e| anyhow::Error::new(ConfigError(format!("PAYRAIL_MASTER_KEY: {e}"))));
+        return MasterKey::parse(k)
+            .map_err(|e| anyhow::Error::new(ConfigError(format!("PAYRAIL_MASTER_KEY: {e}"))));
     }
     let path = config.data_dir.join("master.key");
     if !path.exists() {
@@ -54,7 +63,8 @@ fn master_key(config: &Config) -> Result<MasterKey> {
             "generated a new master key in the data folder; set PAYRAIL_MASTER_KEY (and keep it out of the database backups) for production"
         );
     }
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     MasterKey::parse(&Secret::new(text)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -68,7 +78,9 @@ pub fn write_private(path: &Path, contents: &str) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -84,9 +96,20 @@ pub async fn build_engine(config: &Config) -> Result<Arc<Engine>> {
     let key = master_key(config)?;
     let store = payrail_store::open(&config.database_url)
         .await
-        .with_context(|| format!("cannot open database {}", payrail_store::redact_url(&config.database_url)))?;
+        .with_context(|| {
+            format!(
+                "cannot open database {}",
+                payrail_store::redact_url(&config.database_url)
+            )
+        })?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    Ok(Arc::new(Engine::new(store, registry(clock.clone()), clock, key, config.engine.clone())))
+    Ok(Arc::new(Engine::new(
+        store,
+        registry(clock.clone()),
+        clock,
+        key,
+        config.engine.clone(),
+    )))
 }
 
 pub async fn migrate(o: Overrides) -> Result<()> {
@@ -94,8 +117,16 @@ pub async fn migrate(o: Overrides) -> Result<()> {
     init_logging(&config.log_level, config.log_format);
     payrail_store::open(&config.database_url)
         .await
-        .with_context(|| format!("cannot migrate {}", payrail_store::redact_url(&config.database_url)))?;
-    println!("database {} is up to date", payrail_store::redact_url(&config.database_url));
+        .with_context(|| {
+            format!(
+                "cannot migrate {}",
+                payrail_store::redact_url(&config.database_url)
+            )
+        })?;
+    println!(
+        "database {} is up to date",
+        payrail_store::redact_url(&config.database_url)
+    );
     Ok(())
 }
 
@@ -105,9 +136,15 @@ pub const DEMO_CREDENTIALS_FILE: &str = "demo-credentials.json";
 
 /// First start: the operator token and the demo merchant, each shown once.
 async fn bootstrap(engine: &Engine, config: &Config, base_url: &str) -> Result<()> {
-    match engine.ensure_operator_token(config.operator_token.as_ref()).await {
+    match engine
+        .ensure_operator_token(config.operator_token.as_ref())
+        .await
+    {
         Ok(Some(token)) if config.operator_token.is_none() => {
-            println!("\n  Operator token (shown once; keep it safe):\n    {}\n", token.expose());
+            println!(
+                "\n  Operator token (shown once; keep it safe):\n    {}\n",
+                token.expose()
+            );
         }
         Ok(_) => {}
         Err(e) => return Err(anyhow::Error::new(ConfigError(e.to_string()))),
@@ -115,12 +152,22 @@ async fn bootstrap(engine: &Engine, config: &Config, base_url: &str) -> Result<(
     if !config.demo_merchant || engine.store.get_setting(DEMO_SETTING).await?.is_some() {
         return Ok(());
     }
-    let merchant = engine.create_merchant(MerchantName::parse("Demo Shop").map_err(|e| anyhow::anyhow!("{e}"))?).await?;
-    let won = engine.store.put_setting_if_absent(DEMO_SETTING, &merchant.id.to_string()).await?;
+    let merchant = engine
+        .create_merchant(MerchantName::parse("Demo Shop").map_err(|e| anyhow::anyhow!("{e}"))?)
+        .await?;
+    let won = engine
+        .store
+        .put_setting_if_absent(DEMO_SETTING, &merchant.id.to_string())
+        .await?;
     if won != merchant.id.to_string() {
         return Ok(()); // another process made it first
     }
-    let creds = engine.create_app(merchant.id, MerchantName::parse("Demo app").map_err(|e| anyhow::anyhow!("{e}"))?).await?;
+    let creds = engine
+        .create_app(
+            merchant.id,
+            MerchantName::parse("Demo app").map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+        .await?;
     let file = serde_json::json!({
         "url": base_url,
         "merchant_id": merchant.id,
@@ -149,10 +196,19 @@ pub async fn serve(o: Overrides) -> Result<()> {
 }
 
 /// Runs until SIGINT/SIGTERM (or `stop` turns true). Used by `serve` and the in-process bench.
-pub async fn run_server(engine: Arc<Engine>, config: &Config, stop: Option<watch::Receiver<bool>>) -> Result<()> {
+pub async fn run_server(
+    engine: Arc<Engine>,
+    config: &Config,
+    stop: Option<watch::Receiver<bool>>,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::Error::new(ConfigError(format!("cannot listen on {}: {e}", config.listen))))?;
+        .map_err(|e| {
+            anyhow::Error::new(ConfigError(format!(
+                "cannot listen on {}: {e}",
+                config.listen
+            )))
+        })?;
     let addr = listener.local_addr()?;
     let base_url = format!("http://{addr}");
     bootstrap(&engine, config, &base_url).await?;
@@ -160,8 +216,14 @@ pub async fn run_server(engine: Arc<Engine>, config: &Config, stop: Option<watch
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     if config.worker {
-        tasks.spawn(payrail_engine::worker::run_sync_worker(engine.clone(), shutdown_rx.clone()));
-        tasks.spawn(payrail_engine::worker::run_janitor(engine.clone(), shutdown_rx.clone()));
+        tasks.spawn(payrail_engine::worker::run_sync_worker(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(payrail_engine::worker::run_janitor(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     tracing::info!(
         addr = %addr,
@@ -171,8 +233,10 @@ pub async fn run_server(engine: Arc<Engine>, config: &Config, stop: Option<watch
         channels = ?engine.channels.names(),
         "payrail started"
     );
-    // Tests and scripts read this line to find the port.
-    println!("payrail listening on {base_url}");
+    if config.announce {
+        // Tests and scripts read this line to find the port.
+        println!("payrail listening on {base_url}");
+    }
     let signal = wait_for_stop(stop);
     if config.api {
         let mut rx = shutdown_rx.clone();
@@ -193,8 +257,14 @@ pub async fn run_server(engine: Arc<Engine>, config: &Config, stop: Option<watch
         let _ = shutdown_tx.send(true);
     }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
-    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
-        tracing::warn!(grace_ms = config.shutdown_grace_ms, "workers did not stop in time; their leased jobs will be retried");
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = config.shutdown_grace_ms,
+            "workers did not stop in time; their leased jobs will be retried"
+        );
     }
     tracing::info!("stopped");
     Ok(())
@@ -237,5 +307,10 @@ async fn wait_for_stop(stop: Option<watch::Receiver<bool>>) {
 /// Engine settings suitable for tests and the bench (short delays).
 #[allow(dead_code)]
 pub fn fast_engine_config() -> EngineConfig {
-    EngineConfig { sync_first_delay_ms: 200, sync_max_delay_ms: 2_000, worker_poll_ms: 50, ..EngineConfig::default() }
+    EngineConfig {
+        sync_first_delay_ms: 200,
+        sync_max_delay_ms: 2_000,
+        worker_poll_ms: 50,
+        ..EngineConfig::default()
+    }
 }

@@ -1,0 +1,222 @@
+//! Crash test: the real binary under load, killed with SIGKILL, restarted on the same data
+//! folder. Every payment whose creation was acknowledged must be there with the acknowledged
+//! status (or a later one along the whitelist), and payments left processing must resume
+//! syncing to their final status after the restart. Bounded in time throughout.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use payrail_client::{nonce, Credentials, PayrailClient};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const OPERATOR_TOKEN: &str = "op_crash_test_token_0123456789";
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+fn start(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payrail"))
+        .arg("serve")
+        .env("PAYRAIL_DATA_DIR", dir)
+        .env("PAYRAIL_LISTEN", "127.0.0.1:0")
+        .env("PAYRAIL_LOG", "warn")
+        .env("PAYRAIL_LOG_FORMAT", "json")
+        .env("PAYRAIL_OPERATOR_TOKEN", OPERATOR_TOKEN)
+        .env("PAYRAIL_SYNC_FIRST_DELAY_MS", "200")
+        .env("PAYRAIL_SYNC_MAX_DELAY_MS", "1000")
+        .env("PAYRAIL_WORKER_POLL_MS", "50")
+        // Jobs leased by the killed process come back after the lease: keep it short here.
+        .env("PAYRAIL_CHANNEL_TIMEOUT_MS", "1000")
+        .env("PAYRAIL_SYNC_LEASE_MS", "2000")
+        .env_remove("PAYRAIL_DATABASE_URL")
+        .env_remove("PAYRAIL_MASTER_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start payrail serve");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("payrail listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server did not announce its address in 30 s");
+    Server { child, url }
+}
+
+fn credentials(dir: &Path) -> Credentials {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("demo-credentials.json")).unwrap())
+            .unwrap();
+    Credentials {
+        key_id: v["key_id"].as_str().unwrap().into(),
+        secret: v["secret"].as_str().unwrap().into(),
+    }
+}
+
+/// (payment id, acknowledged status, idempotency key, body) of every 200 answer.
+type Acked = Arc<Mutex<Vec<(String, String, String, String)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_payments_survive_sigkill_and_sync_resumes() {
+    let dir = std::env::temp_dir().join(format!("payrail-crash-{}", nonce()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = start(&dir);
+    let creds = credentials(&dir);
+    let client = PayrailClient::new(&server.url);
+
+    let acked: Acked = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (client, creds, acked) = (client.clone(), creds.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            // Keeps sending until the server dies; bounded by the kill below and a count cap.
+            while i < 100_000 {
+                i += 1;
+                // Even: succeeds at once. Odd: processing, paid 3 s after submission.
+                let amount = if i % 2 == 0 { 1000 } else { 1002 };
+                let key = nonce();
+                let body = json!({"amount": amount, "currency": "CNY", "out_trade_no": format!("c{w}-{i}"), "subject": "crash", "method": "sandbox"}).to_string();
+                match client.signed(&creds, Method::POST, "/v1/payments", Some(&body), Some(&key)).await {
+                    Ok(a) if a.status == 200 => acked.lock().unwrap().push((
+                        a.body["id"].as_str().unwrap().to_string(),
+                        a.body["status"].as_str().unwrap().to_string(),
+                        key,
+                        body,
+                    )),
+                    Ok(a) => panic!("unexpected answer under load: {} {}", a.status, a.body),
+                    Err(_) => break, // the server was killed
+                }
+                if Instant::now() > deadline + Duration::from_secs(20) {
+                    break;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+    server.child.kill().unwrap(); // SIGKILL on Unix
+    server.child.wait().unwrap();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("load task hung")
+            .unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let processing = acked.iter().filter(|a| a.1 == "processing").count();
+    eprintln!(
+        "acknowledged before SIGKILL: {} ({} processing)",
+        acked.len(),
+        processing
+    );
+    assert!(
+        acked.len() > 50,
+        "load too small to mean anything: {}",
+        acked.len()
+    );
+    assert!(
+        processing > 0,
+        "some payments must be processing at the kill"
+    );
+
+    let mut server = start(&dir);
+    let client = PayrailClient::new(&server.url);
+    // Every acknowledged payment is there, with its status or a whitelisted successor.
+    for (id, status, _, _) in &acked {
+        let a = client
+            .signed(
+                &creds,
+                Method::GET,
+                &format!("/v1/payments/{id}"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200, "acknowledged payment {id} lost: {}", a.body);
+        let now = a.body["status"].as_str().unwrap();
+        assert!(
+            now == status || (status == "processing" && now == "succeeded"),
+            "{id}: acked {status}, now {now}"
+        );
+    }
+    // Retrying an acknowledged request with its idempotency key returns the same payment.
+    for (id, _, key, body) in acked.iter().step_by(25) {
+        let a = client
+            .signed(&creds, Method::POST, "/v1/payments", Some(body), Some(key))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["id"].as_str(), Some(id.as_str()));
+    }
+    // The status-sync worker of the new process finishes every payment left processing,
+    // including ones whose request was in flight at the kill.
+    let started = Instant::now();
+    let mut statuses: HashMap<String, String> = HashMap::new();
+    while started.elapsed() < Duration::from_secs(40) {
+        statuses.clear();
+        let mut after: Option<String> = None;
+        for _ in 0..1000 {
+            let path = match &after {
+                Some(a) => format!("/v1/payments?limit=100&starting_after={a}"),
+                None => "/v1/payments?limit=100".into(),
+            };
+            let page = client
+                .signed(&creds, Method::GET, &path, None, None)
+                .await
+                .unwrap();
+            let data = page.body["data"].as_array().unwrap().clone();
+            for p in &data {
+                statuses.insert(
+                    p["id"].as_str().unwrap().into(),
+                    p["status"].as_str().unwrap().into(),
+                );
+            }
+            after = data.last().map(|p| p["id"].as_str().unwrap().to_string());
+            if page.body["has_more"] != true {
+                break;
+            }
+        }
+        if statuses.values().all(|s| s != "processing") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let stuck: Vec<_> = statuses
+        .iter()
+        .filter(|(_, s)| *s == "processing")
+        .collect();
+    assert!(
+        stuck.is_empty(),
+        "{} payments still processing 40 s after restart",
+        stuck.len()
+    );
+    assert!(
+        statuses.values().all(|s| s == "succeeded"),
+        "the sandbox amounts used all end in success"
+    );
+    for (id, _, _, _) in &acked {
+        assert_eq!(
+            statuses.get(id).map(String::as_str),
+            Some("succeeded"),
+            "{id}"
+        );
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
