@@ -53,6 +53,11 @@ fn open_connection(path: &Path) -> Result<Connection> {
         .map_err(db_err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(db_err)?;
+    // Each write runs in a savepoint, whose undo sub-journal would otherwise be a temp file.
+    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
+    // 16 MiB page cache (negative = KiB). Measured (docs/BENCHMARKS.md): 2 MiB (the default)
+    // re-reads index pages; 64 MiB costs more in cache bookkeeping at every commit than it saves.
+    conn.pragma_update(None, "cache_size", -16_384).map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -184,20 +189,23 @@ fn run_in_savepoint<R>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<(R, bool)>,
 ) -> Result<R> {
-    conn.execute_batch("SAVEPOINT op").map_err(db_err)?;
+    // Cached statements: this runs for every write, so no re-parsing.
+    let exec = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(db_err);
+    exec("SAVEPOINT op")?;
     match f(conn) {
         Ok((v, true)) => {
-            conn.execute_batch("RELEASE op").map_err(db_err)?;
+            exec("RELEASE op")?;
             Ok(v)
         }
         Ok((v, false)) => {
-            conn.execute_batch("ROLLBACK TO op; RELEASE op")
-                .map_err(db_err)?;
+            exec("ROLLBACK TO op")?;
+            exec("RELEASE op")?;
             Ok(v)
         }
         Err(e) => {
             // Undo this write only; the others in the batch still commit.
-            let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            let _ = exec("ROLLBACK TO op");
+            let _ = exec("RELEASE op");
             Err(e)
         }
     }
