@@ -23,6 +23,10 @@ const WRITE_QUEUE_MAX: usize = 8192;
 /// Idle read connections kept open.
 const READERS_MAX: usize = 8;
 const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// How often the checkpointer copies committed WAL pages into the database file.
+const CHECKPOINT_PERIOD_MS: u64 = 250;
+/// WAL size (pages of 4 KiB) above which a checkpoint that could not finish is logged.
+const WAL_WARN_PAGES: i64 = 100_000;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// Gets the writer's connection inside the batch transaction, or the reason there is none (the
@@ -30,6 +34,8 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type WriteJob = Box<dyn FnOnce(Result<&Connection, &str>) -> Reply + Send>;
 
 pub struct SqliteStore {
+    /// The checkpoint thread stops when this is dropped.
+    _alive: Arc<()>,
     writer: mpsc::Sender<WriteJob>,
     readers: Arc<Readers>,
 }
@@ -97,12 +103,24 @@ impl SqliteStore {
             )));
         }
         migrate(&conn)?;
+        // Checkpoints run on their own thread (below), not inside a commit of the writer: a
+        // checkpoint copies pages and fsyncs the database file, which would stall every
+        // request waiting on that commit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db_err)?;
         let (tx, rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE_MAX);
         std::thread::Builder::new()
             .name("payrail-sqlite-writer".into())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
+        let alive = Arc::new(());
+        let checkpoint_conn = open_connection(path)?;
+        let weak = Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("payrail-sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, weak))
+            .map_err(|e| StoreError::Config(format!("cannot start checkpoint thread: {e}")))?;
         Ok(SqliteStore {
+            _alive: alive,
             writer: tx,
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
@@ -207,6 +225,24 @@ fn run_in_savepoint<R>(
             let _ = exec("ROLLBACK TO op");
             let _ = exec("RELEASE op");
             Err(e)
+        }
+    }
+}
+
+/// Copies committed WAL frames into the database file while the writer keeps committing
+/// (PASSIVE never blocks it). SQLite restarts the WAL from its beginning once a checkpoint has
+/// caught up, so the file stays bounded under a steady load.
+fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>) {
+    while alive.strong_count() > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(CHECKPOINT_PERIOD_MS));
+        let res: rusqlite::Result<(i64, i64, i64)> =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)));
+        match res {
+            Ok((_, wal_pages, done)) if wal_pages > WAL_WARN_PAGES && done < wal_pages => {
+                tracing::warn!(wal_pages, checkpointed = done, "sqlite: WAL is growing faster than it is checkpointed");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sqlite: checkpoint failed"),
         }
     }
 }
