@@ -103,8 +103,12 @@ CREATE TABLE jobs (
     PRIMARY KEY (kind, subject_id)
 );
 CREATE INDEX jobs_due ON jobs (kind, run_at_ms);
+-- `seq` is the event's position for readers paging with `seq > last_seen`; it must follow
+-- commit order. SQLite's single writer gives that directly. On PostgreSQL a sequence would
+-- follow insert order instead, so rows are inserted without a position and readers first
+-- number the committed ones (see postgres.rs, `sequence_outbox`).
 CREATE TABLE outbox (
-    seq {serial},
+    seq {outbox_seq},
     id TEXT NOT NULL UNIQUE,
     merchant_id TEXT NOT NULL,
     event_type TEXT NOT NULL,
@@ -114,6 +118,7 @@ CREATE TABLE outbox (
     published_at_ms BIGINT
 );
 CREATE INDEX outbox_by_merchant ON outbox (merchant_id, seq);
+{outbox_position}
 CREATE TABLE alerts (
     seq {serial},
     kind TEXT NOT NULL,
@@ -126,3 +131,17 @@ CREATE TABLE alerts (
 
 pub const SQLITE_SERIAL: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
 pub const PG_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
+
+/// A migration's SQL for SQLite or (`postgres = true`) PostgreSQL.
+pub fn render(sql: &str, postgres: bool) -> String {
+    if postgres {
+        // Outbox positions: null until numbered after commit, unique once numbered.
+        sql.replace("{outbox_seq}", "BIGINT UNIQUE")
+            .replace("{outbox_position}", "CREATE SEQUENCE outbox_position;")
+            .replace("{serial}", PG_SERIAL)
+    } else {
+        sql.replace("{outbox_seq}", SQLITE_SERIAL)
+            .replace("{outbox_position}", "")
+            .replace("{serial}", SQLITE_SERIAL)
+    }
+}

@@ -8,7 +8,7 @@
 //! Reads run on a small pool of read-only connections; WAL lets them proceed during writes.
 
 use crate::common::*;
-use crate::schema::{MIGRATIONS, SQLITE_SERIAL};
+use crate::schema::MIGRATIONS;
 use crate::*;
 use payrail_domain::{AttemptId, AttemptStatus, PaymentStatus};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
@@ -60,10 +60,12 @@ fn open_connection(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(db_err)?;
     // Each write runs in a savepoint, whose undo sub-journal would otherwise be a temp file.
-    conn.pragma_update(None, "temp_store", "MEMORY").map_err(db_err)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(db_err)?;
     // 16 MiB page cache (negative = KiB). Measured (docs/BENCHMARKS.md): 2 MiB (the default)
     // re-reads index pages; 64 MiB costs more in cache bookkeeping at every commit than it saves.
-    conn.pragma_update(None, "cache_size", -16_384).map_err(db_err)?;
+    conn.pragma_update(None, "cache_size", -16_384)
+        .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -106,7 +108,8 @@ impl SqliteStore {
         // Checkpoints run on their own thread (below), not inside a commit of the writer: a
         // checkpoint copies pages and fsyncs the database file, which would stall every
         // request waiting on that commit.
-        conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(db_err)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db_err)?;
         let (tx, rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE_MAX);
         std::thread::Builder::new()
             .name("payrail-sqlite-writer".into())
@@ -208,7 +211,11 @@ fn run_in_savepoint<R>(
     f: impl FnOnce(&Connection) -> Result<(R, bool)>,
 ) -> Result<R> {
     // Cached statements: this runs for every write, so no re-parsing.
-    let exec = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(db_err);
+    let exec = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(db_err)
+    };
     exec("SAVEPOINT op")?;
     match f(conn) {
         Ok((v, true)) => {
@@ -236,10 +243,16 @@ fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>) {
     while alive.strong_count() > 0 {
         std::thread::sleep(std::time::Duration::from_millis(CHECKPOINT_PERIOD_MS));
         let res: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)));
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
         match res {
             Ok((_, wal_pages, done)) if wal_pages > WAL_WARN_PAGES && done < wal_pages => {
-                tracing::warn!(wal_pages, checkpointed = done, "sqlite: WAL is growing faster than it is checkpointed");
+                tracing::warn!(
+                    wal_pages,
+                    checkpointed = done,
+                    "sqlite: WAL is growing faster than it is checkpointed"
+                );
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sqlite: checkpoint failed"),
@@ -300,7 +313,7 @@ fn migrate(conn: &Connection) -> Result<()> {
         )));
     }
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
-        let sql = m.sql.replace("{serial}", SQLITE_SERIAL);
+        let sql = crate::schema::render(m.sql, false);
         tx.execute_batch(&sql).map_err(db_err)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?1, ?2, ?3)",
