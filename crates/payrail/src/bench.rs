@@ -5,7 +5,6 @@
 use crate::config::{Config, LogFormat};
 use anyhow::{bail, Context, Result};
 use payrail_client::{nonce, Credentials, PayrailClient};
-use payrail_domain::Secret;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -73,17 +72,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     crate::serve::init_logging("warn", LogFormat::Text);
     let mut server = None;
     let mut tmp_dir = None;
-    let (url, token, database) = match &args.target {
+    let merchant_name = format!("bench-{}", &nonce()[..6]);
+    let (url, creds, database) = match &args.target {
         Some(url) => {
-            let token = args
-                .operator_token
-                .clone()
-                .context("--target needs --operator-token (or PAYRAIL_OPERATOR_TOKEN)")?;
-            (url.clone(), token, "remote".to_string())
+            let token = args.operator_token.clone().context("--target needs --operator-token (or PAYRAIL_OPERATOR_TOKEN)")?;
+            let client = PayrailClient::new(url);
+            wait_healthy(&client).await?;
+            let (_, creds) = client
+                .onboard(&token, &merchant_name)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot create the bench merchant: {e}"))?;
+            (url.clone(), creds, "remote".to_string())
         }
         None => {
             let dir = std::env::temp_dir().join(format!("payrail-bench-{}", &nonce()[..12]));
-            let token = format!("op_bench_{}", nonce());
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             drop(listener);
@@ -102,26 +104,26 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 shutdown_grace_ms: 5_000,
                 demo_merchant: false,
                 master_key: Some(payrail_engine::crypto::MasterKey::generate_hex()),
-                operator_token: Some(Secret::new(token.clone())),
+                operator_token: None,
                 announce: false,
             };
             let engine = crate::serve::build_engine(&config).await?;
             let backend = engine.store.backend().to_string();
+            // The merchant is made through the engine: an existing database keeps its own
+            // operator token, which the bench does not need to know.
+            let name = payrail_domain::input::MerchantName::parse(&merchant_name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let merchant = engine.create_merchant(name.clone()).await?;
+            let app = engine.create_app(merchant.id, name).await?;
+            let creds = Credentials { key_id: app.app.key_id.clone(), secret: app.secret.expose().clone() };
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let handle = tokio::spawn(async move {
-                crate::serve::run_server(engine, &config, Some(stop_rx)).await
-            });
+            let handle = tokio::spawn(async move { crate::serve::run_server(engine, &config, Some(stop_rx)).await });
             server = Some((stop_tx, handle));
             tmp_dir = Some(dir);
-            (format!("http://{addr}"), token, backend)
+            (format!("http://{addr}"), creds, backend)
         }
     };
     let client = PayrailClient::new(&url);
     wait_healthy(&client).await?;
-    let (_, creds) = client
-        .onboard(&token, &format!("bench-{}", &nonce()[..6]))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot create the bench merchant: {e}"))?;
 
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();

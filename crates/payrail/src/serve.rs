@@ -140,7 +140,7 @@ async fn bootstrap(engine: &Engine, config: &Config, base_url: &str) -> Result<(
         .ensure_operator_token(config.operator_token.as_ref())
         .await
     {
-        Ok(Some(token)) if config.operator_token.is_none() => {
+        Ok(Some(token)) if config.operator_token.is_none() && config.announce => {
             println!(
                 "\n  Operator token (shown once; keep it safe):\n    {}\n",
                 token.expose()
