@@ -1,7 +1,7 @@
 //! Merchant API v1: payments.
 
 use crate::error::ApiError;
-use crate::request::{admit_read, idempotent, parse_json, Reply, Signed};
+use crate::request::{admit_read, idempotent, parse_json, parse_page, Reply, Signed};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -151,50 +151,12 @@ async fn close_payment(
     .await
 }
 
-/// Limit of a list page: 1–100, default 10.
-fn parse_list_query(query: Option<&str>) -> Result<(u32, Option<PaymentId>), ApiError> {
-    let mut limit = 10u32;
-    let mut after = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "limit" => {
-                limit = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|l| (1..=payrail_engine::merchants::PAGE_LIMIT_MAX).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "parameter_out_of_range",
-                            "limit must be an integer from 1 to 100",
-                        )
-                        .with_param("limit")
-                    })?;
-            }
-            "starting_after" => {
-                after = Some(v.parse::<PaymentId>().map_err(|_| {
-                    ApiError::invalid("parameter_invalid", "starting_after must be a payment id")
-                        .with_param("starting_after")
-                })?);
-            }
-            other => {
-                return Err(ApiError::invalid(
-                    "parameter_unknown",
-                    format!("unknown query parameter {other}"),
-                )
-                .with_param(other.to_string()))
-            }
-        }
-    }
-    Ok((limit, after))
-}
-
 async fn list_payments(
     State(engine): State<AppState>,
     s: Signed,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let query = s.path_and_query.split_once('?').map(|(_, q)| q.to_string());
-    let (limit, after) = parse_list_query(query.as_deref())?;
+    let (limit, after) = parse_page::<PaymentId>(query.as_deref(), "payment")?;
     admit_read(&engine, &s).await?;
     let (rows, has_more) = engine.list_payments(&s.app, limit, after).await?;
     let data: Vec<_> = rows.iter().map(|p| payment_json(p, None)).collect();

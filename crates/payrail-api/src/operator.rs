@@ -1,9 +1,9 @@
 //! Operator API: merchants, apps, re-query, alerts. Bearer-token authenticated.
 
 use crate::error::ApiError;
-use crate::request::{idempotent, parse_json, Operator, OperatorAuth, Reply};
+use crate::request::{idempotent, parse_json, parse_page, Operator, OperatorAuth, Reply};
 use crate::AppState;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -71,34 +71,12 @@ async fn create_merchant(
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    limit: Option<u32>,
-    starting_after: Option<String>,
-}
-
 async fn list_merchants(
     State(engine): State<AppState>,
     _: OperatorAuth,
-    Query(q): Query<ListQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q.limit.unwrap_or(10);
-    if !(1..=payrail_engine::merchants::PAGE_LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::invalid(
-            "parameter_out_of_range",
-            "limit must be an integer from 1 to 100",
-        )
-        .with_param("limit"));
-    }
-    let after = q
-        .starting_after
-        .map(|s| s.parse::<MerchantId>())
-        .transpose()
-        .map_err(|_| {
-            ApiError::invalid("parameter_invalid", "starting_after must be a merchant id")
-                .with_param("starting_after")
-        })?;
+    let (limit, after) = parse_page::<MerchantId>(q.as_deref(), "merchant")?;
     let mut rows = engine
         .store
         .list_merchants(limit + 1, after)

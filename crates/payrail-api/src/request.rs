@@ -142,6 +142,52 @@ impl FromRequestParts<AppState> for OperatorAuth {
     }
 }
 
+/// Parses `limit` (1–100, default 10) and `starting_after` (an id of `T`) from a query string;
+/// anything else is a 400 in the usual error shape.
+pub fn parse_page<T: std::str::FromStr>(
+    query: Option<&str>,
+    object: &str,
+) -> Result<(u32, Option<T>), ApiError> {
+    let max = payrail_engine::merchants::PAGE_LIMIT_MAX;
+    let mut limit = 10u32;
+    let mut after = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=max).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "parameter_out_of_range",
+                            format!("limit must be an integer from 1 to {max}"),
+                        )
+                        .with_param("limit")
+                    })?;
+            }
+            "starting_after" => {
+                after = Some(v.parse::<T>().map_err(|_| {
+                    ApiError::invalid(
+                        "parameter_invalid",
+                        format!("starting_after must be a {object} id"),
+                    )
+                    .with_param("starting_after")
+                })?);
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    "parameter_unknown",
+                    format!("unknown query parameter {other}"),
+                )
+                .with_param(other.to_string()))
+            }
+        }
+    }
+    Ok((limit, after))
+}
+
 /// Decodes a JSON body strictly: unknown fields and wrong types are 400s naming the parameter.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {

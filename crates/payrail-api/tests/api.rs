@@ -73,6 +73,15 @@ async fn fresh_pg_url() -> Option<String> {
 }
 
 async fn harness_with(backend: Backend, config: EngineConfig, worker: bool) -> Option<Harness> {
+    harness_full(backend, config, worker, None).await
+}
+
+async fn harness_full(
+    backend: Backend,
+    config: EngineConfig,
+    worker: bool,
+    extra: Option<Arc<dyn payrail_channels::Connector>>,
+) -> Option<Harness> {
     init_log();
     let dir = std::env::temp_dir().join(format!("payrail-api-test-{}", nonce()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -93,6 +102,9 @@ async fn harness_with(backend: Backend, config: EngineConfig, worker: bool) -> O
     channels.register(Arc::new(payrail_channels::sandbox::Sandbox::new(
         dyn_clock.clone(),
     )));
+    if let Some(c) = extra {
+        channels.register(c);
+    }
     let key = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
     let engine = Arc::new(Engine::new(store, channels, dyn_clock, key, config));
     let op = format!("op_test_{}", nonce());
@@ -449,15 +461,25 @@ both!(signatures_timestamps_and_nonces, |b| async move {
         Some("signature_invalid")
     );
     assert_eq!(
-        get(sign(unix_now() - 301, &nonce(), &c.secret, path))
-            .await
-            .error_code(),
+        get(sign(
+            h.engine.clock.now_s() - 301,
+            &nonce(),
+            &c.secret,
+            path
+        ))
+        .await
+        .error_code(),
         Some("timestamp_out_of_window")
     );
     assert_eq!(
-        get(sign(unix_now() + 301, &nonce(), &c.secret, path))
-            .await
-            .error_code(),
+        get(sign(
+            h.engine.clock.now_s() + 301,
+            &nonce(),
+            &c.secret,
+            path
+        ))
+        .await
+        .error_code(),
         Some("timestamp_out_of_window")
     );
     assert_eq!(
@@ -1003,4 +1025,193 @@ both!(events_are_written_with_state_changes, |b| async move {
     let payload: Value = serde_json::from_str(&events[0].payload).unwrap();
     assert_eq!(payload["type"], "payment.succeeded");
     assert_eq!(payload["data"]["object"]["out_trade_no"], "e1");
+});
+
+both!(
+    retry_after_a_crash_mid_request_finds_its_payment,
+    |b| async move {
+        use payrail_store::{Admission, IdempotencyClaim};
+        let Some(h) = harness(b).await else { return };
+        let (mch, c) = h.merchant("Shop").await;
+        let apps = h
+            .client
+            .operator(
+                &h.op,
+                Method::GET,
+                &format!("/v1/operator/merchants/{mch}/apps"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        let app = payrail_engine::auth::AppAuth {
+            app_id: apps.body["data"][0]["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            merchant_id: mch.parse().unwrap(),
+            key_id: c.key_id.clone(),
+            merchant_active: true,
+        };
+        let body = json!({"amount": 1000, "currency": "CNY", "out_trade_no": "r1", "subject": "x", "method": "sandbox"}).to_string();
+        let key = "crash-key";
+        let hash = payrail_engine::auth::request_hash("POST", "/v1/payments", body.as_bytes());
+        // The first try claimed its key and created its payment; then the process died before it
+        // could store the answer.
+        let now = h.engine.now_ms();
+        let claim = IdempotencyClaim {
+            scope: mch.clone(),
+            key: key.into(),
+            request_hash: hash.clone(),
+            now_ms: now,
+            stale_after_ms: 60_000,
+        };
+        h.engine
+            .store
+            .admit(&Admission {
+                now_ms: now,
+                nonce: None,
+                idempotency: Some(claim),
+            })
+            .await
+            .unwrap();
+        let input = payrail_engine::payments::CreatePayment {
+            amount: payrail_domain::Money::payment_amount(1000, payrail_domain::Currency::CNY)
+                .unwrap(),
+            out_trade_no: payrail_domain::input::OutTradeNo::parse("r1").unwrap(),
+            subject: payrail_domain::input::Subject::parse("x").unwrap(),
+            method: payrail_domain::input::PaymentMethod::Sandbox,
+            expires_in: payrail_domain::input::ExpiresIn::DEFAULT,
+            notify_url: None,
+            metadata: payrail_domain::input::Metadata::default(),
+        };
+        let first = h
+            .engine
+            .create_payment(
+                &app,
+                input,
+                Some(payrail_engine::payments::IdemRef {
+                    key,
+                    request_hash: &hash,
+                }),
+            )
+            .await
+            .unwrap();
+        // While the claim is fresh, a retry is told to wait.
+        let busy = h.post(&c, "/v1/payments", Some(&body), Some(key)).await;
+        assert_eq!(
+            (busy.status, busy.error_code()),
+            (409, Some("idempotency_key_in_use"))
+        );
+        // Once stale, the retry takes the key over and finds the payment instead of a duplicate error.
+        h.clock.advance_ms(61_000);
+        let retry = h.post(&c, "/v1/payments", Some(&body), Some(key)).await;
+        assert_eq!(retry.status, 200, "{}", retry.body);
+        assert_eq!(
+            retry.body["id"].as_str().unwrap(),
+            first.payment.id.to_string()
+        );
+        let replay = h.post(&c, "/v1/payments", Some(&body), Some(key)).await;
+        assert!(replay.replayed);
+        assert_eq!(replay.body["id"], retry.body["id"]);
+        assert_eq!(h.count_payments(&c).await, 1);
+    }
+);
+
+/// A channel that says "paid" at submit and "failed" when asked later.
+struct Contradicting;
+
+#[async_trait::async_trait]
+impl payrail_channels::Connector for Contradicting {
+    fn name(&self) -> &'static str {
+        "a_contradicting" // sorts before "sandbox", so routing picks it
+    }
+    fn supports(&self, _: payrail_domain::input::PaymentMethod) -> bool {
+        true
+    }
+    async fn submit(
+        &self,
+        _: &payrail_channels::SubmitRequest,
+    ) -> payrail_channels::SubmitResponse {
+        payrail_channels::SubmitResponse {
+            outcome: payrail_domain::ChannelOutcome::Succeeded {
+                channel_trade_no: Some("T1".into()),
+                paid_at_ms: None,
+            },
+            next_action: None,
+        }
+    }
+    async fn query(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::Failed {
+            code: "LATE".into(),
+            message: "contradiction".into(),
+        }
+    }
+    async fn close(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::Closed
+    }
+}
+
+both!(
+    a_conflicting_later_result_alerts_and_never_flips,
+    |b| async move {
+        let Some(h) = harness_full(b, test_config(), false, Some(Arc::new(Contradicting))).await
+        else {
+            return;
+        };
+        let (_, c) = h.merchant("Shop").await;
+        let a = h.create(&c, 1000, "conflict").await;
+        assert_eq!(
+            (a.body["status"].as_str(), a.body["channel"].as_str()),
+            (Some("succeeded"), Some("a_contradicting"))
+        );
+        let id = a.body["id"].as_str().unwrap();
+        let r = h.requery(id).await;
+        assert_eq!(
+            r.body["status"], "succeeded",
+            "the first definite result wins"
+        );
+        let alerts = h
+            .client
+            .operator(&h.op, Method::GET, "/v1/operator/alerts", None, None)
+            .await
+            .unwrap();
+        let list = alerts.body["data"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{}", alerts.body);
+        assert_eq!(list[0]["kind"], "channel_conflict");
+        assert_eq!(list[0]["subject_id"], id);
+        let (_, m) = h.client.get("/metrics").await.unwrap();
+        assert!(
+            m.contains("payrail_channel_conflicts_total{channel=\"a_contradicting\"} 1"),
+            "{m}"
+        );
+    }
+);
+
+both!(operator_query_errors_are_json, |b| async move {
+    let Some(h) = harness(b).await else { return };
+    for (q, code) in [
+        ("limit=abc", "parameter_out_of_range"),
+        ("foo=1", "parameter_unknown"),
+        ("starting_after=x", "parameter_invalid"),
+    ] {
+        let a = h
+            .client
+            .operator(
+                &h.op,
+                Method::GET,
+                &format!("/v1/operator/merchants?{q}"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (a.status, a.error_code()),
+            (400, Some(code)),
+            "{q}: {}",
+            a.body
+        );
+    }
 });

@@ -191,7 +191,10 @@ mod tests {
             br#"{"amount":100,"currency":"CNY"}"#,
         );
         let sig = hex::encode(sign(b"sk_test_example", &c));
-        assert_eq!(sig.len(), 64);
+        assert_eq!(
+            sig,
+            "5b7106d2a473b4a55084a7a9f0c5b5a89cbeb9f24525b6377b7a41d0303e8dea"
+        );
         assert!(verify(
             b"sk_test_example",
             &c,

@@ -179,6 +179,32 @@ impl Engine {
     }
 }
 
+/// Name of the setting holding a value encrypted under the master key, to detect a wrong key
+/// at start instead of at the first request.
+pub const MASTER_KEY_CHECK_SETTING: &str = "master_key_check";
+const MASTER_KEY_CHECK_PLAINTEXT: &[u8] = b"payrail master key check v1";
+
+impl Engine {
+    /// Fails if the master key is not the one this database's secrets were encrypted with.
+    pub async fn check_master_key(&self) -> Result<(), EngineError> {
+        let sample = self
+            .master_key
+            .encrypt(MASTER_KEY_CHECK_PLAINTEXT, MASTER_KEY_CHECK_SETTING);
+        let stored = self
+            .store
+            .put_setting_if_absent(MASTER_KEY_CHECK_SETTING, &sample)
+            .await?;
+        match self.master_key.decrypt(&stored, MASTER_KEY_CHECK_SETTING) {
+            Ok(p) if p.expose().as_slice() == MASTER_KEY_CHECK_PLAINTEXT => Ok(()),
+            _ => Err(EngineError::Internal(
+                "the master key does not match the one this database was set up with; \
+                 set PAYRAIL_MASTER_KEY (or restore master.key in the data folder) to the original key"
+                    .into(),
+            )),
+        }
+    }
+}
+
 fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

@@ -460,23 +460,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Re-queries one payment now (operator action and tests); same path as the worker.
+    /// Operator re-query: asks the channel about the payment's latest attempt now, finished or
+    /// not, and applies the answer. For an open payment that may finish it; for a finished one a
+    /// contradicting answer raises an alert and changes nothing (the first definite result wins).
     pub async fn requery_payment(
         &self,
         payment_id: PaymentId,
     ) -> Result<PaymentRecord, EngineError> {
-        let job = JobRecord {
-            kind: JOB_PAYMENT_SYNC.into(),
-            subject_id: payment_id.to_string(),
-            run_at_ms: self.now_ms(),
-            attempts: 1,
-            created_at_ms: self.now_ms(),
-        };
-        self.sync_payment(&job).await?;
-        self.store
+        let payment = self
+            .store
             .get_payment_any(payment_id)
             .await?
-            .ok_or(EngineError::NotFound("payment"))
+            .ok_or(EngineError::NotFound("payment"))?;
+        let attempt = self
+            .store
+            .get_attempts(payment_id)
+            .await?
+            .pop()
+            .ok_or_else(|| EngineError::Internal(format!("payment {payment_id} has no attempt")))?;
+        let connector = self.connector_for(&attempt)?;
+        let req = self.query_request(&payment, &attempt)?;
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(self.channel_timeout(), connector.query(&req))
+            .await
+            .unwrap_or_else(|_| ChannelOutcome::unknown("timeout"));
+        self.observe_channel(connector.name(), "query", &outcome, started);
+        self.apply_outcome(payment, attempt, &outcome).await
     }
 
     /// Closes an unpaid payment at the channel and locally. Closing a closed payment is a

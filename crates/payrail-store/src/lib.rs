@@ -135,7 +135,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>>;
 
     // --- housekeeping ---------------------------------------------------------------------
-    /// Deletes expired nonces and idempotency keys older than `keys_before_ms`.
+    /// Deletes expired nonces and idempotency keys older than `keys_before_ms`, completed or
+    /// abandoned in progress (a request that died and was never retried).
     async fn prune(&self, now_ms: i64, keys_before_ms: i64) -> Result<u64>;
 }
 

@@ -4,7 +4,7 @@
 //! `synchronous_commit`, so a commit is on disk before its caller hears back. Concurrency
 //! between processes is the database's: version-guarded updates for status changes, row locks
 //! for idempotency takeovers, `FOR UPDATE SKIP LOCKED` for job leases, and advisory locks for
-//! migrations and for the order of outbox commits.
+//! migrations and for numbering outbox events after they commit (`sequence_outbox`).
 
 use crate::common::*;
 use crate::schema::MIGRATIONS;
@@ -897,7 +897,7 @@ impl Store for PgStore {
         .await?;
         let b = execute(
             &tx,
-            "DELETE FROM idempotency_keys WHERE created_at_ms < $1 AND state = 'completed'",
+            "DELETE FROM idempotency_keys WHERE created_at_ms < $1",
             &[&keys_before_ms],
         )
         .await?;

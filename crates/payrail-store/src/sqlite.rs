@@ -996,7 +996,7 @@ impl Store for SqliteStore {
                 .map_err(db_err)?;
             let b = c
                 .execute(
-                    "DELETE FROM idempotency_keys WHERE created_at_ms < ?1 AND state = 'completed'",
+                    "DELETE FROM idempotency_keys WHERE created_at_ms < ?1",
                     [keys_before_ms],
                 )
                 .map_err(db_err)?;

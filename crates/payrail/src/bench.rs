@@ -75,7 +75,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let merchant_name = format!("bench-{}", &nonce()[..6]);
     let (url, creds, database) = match &args.target {
         Some(url) => {
-            let token = args.operator_token.clone().context("--target needs --operator-token (or PAYRAIL_OPERATOR_TOKEN)")?;
+            let token = args
+                .operator_token
+                .clone()
+                .context("--target needs --operator-token (or PAYRAIL_OPERATOR_TOKEN)")?;
             let client = PayrailClient::new(url);
             wait_healthy(&client).await?;
             let (_, creds) = client
@@ -111,12 +114,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             let backend = engine.store.backend().to_string();
             // The merchant is made through the engine: an existing database keeps its own
             // operator token, which the bench does not need to know.
-            let name = payrail_domain::input::MerchantName::parse(&merchant_name).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let name = payrail_domain::input::MerchantName::parse(&merchant_name)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let merchant = engine.create_merchant(name.clone()).await?;
             let app = engine.create_app(merchant.id, name).await?;
-            let creds = Credentials { key_id: app.app.key_id.clone(), secret: app.secret.expose().clone() };
+            let creds = Credentials {
+                key_id: app.app.key_id.clone(),
+                secret: app.secret.expose().clone(),
+            };
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let handle = tokio::spawn(async move { crate::serve::run_server(engine, &config, Some(stop_rx)).await });
+            let handle = tokio::spawn(async move {
+                crate::serve::run_server(engine, &config, Some(stop_rx)).await
+            });
             server = Some((stop_tx, handle));
             tmp_dir = Some(dir);
             (format!("http://{addr}"), creds, backend)

@@ -70,6 +70,8 @@ pub const ENV_VARS: &[&str] = &[
     "PAYRAIL_DEMO_MERCHANT",
     "PAYRAIL_MASTER_KEY",
     "PAYRAIL_OPERATOR_TOKEN",
+    // Read by `payrail demo`, not the server.
+    "PAYRAIL_DEMO_SECRET",
 ];
 
 /// Command-line overrides.
@@ -120,7 +122,7 @@ impl Config {
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen: SocketAddr = listen.parse().with_context(|| {
-            format!("listen address {listen:?} is not HOST:PORT (for example 127.0.0.1:8080)")
+            format!("listen address {listen:?} is not IP:PORT (for example 127.0.0.1:8080)")
         })?;
         let data_dir = PathBuf::from(
             o.data_dir

@@ -28,7 +28,7 @@ struct ServerArgs {
     /// TOML configuration file (also PAYRAIL_CONFIG).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Address to listen on, HOST:PORT (default 127.0.0.1:8080; also PAYRAIL_LISTEN).
+    /// Address to listen on, IP:PORT (default 127.0.0.1:8080; also PAYRAIL_LISTEN).
     #[arg(long)]
     listen: Option<String>,
     /// Data folder for the embedded database and keys (default ./payrail-data).

@@ -103,13 +103,20 @@ pub async fn build_engine(config: &Config) -> Result<Arc<Engine>> {
             )
         })?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    Ok(Arc::new(Engine::new(
+    let engine = Arc::new(Engine::new(
         store,
         registry(clock.clone()),
         clock,
         key,
         config.engine.clone(),
-    )))
+    ));
+    engine.check_master_key().await.map_err(|e| {
+        anyhow::Error::new(ConfigError(match e {
+            payrail_engine::EngineError::Internal(msg) => msg,
+            other => other.to_string(),
+        }))
+    })?;
+    Ok(engine)
 }
 
 pub async fn migrate(o: Overrides) -> Result<()> {
@@ -201,15 +208,24 @@ pub async fn run_server(
     config: &Config,
     stop: Option<watch::Receiver<bool>>,
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| {
-            anyhow::Error::new(ConfigError(format!(
-                "cannot listen on {}: {e}",
-                config.listen
-            )))
-        })?;
-    let addr = listener.local_addr()?;
+    // Only the api role listens; a worker-only process must not hold the port.
+    let listener = match config.api {
+        true => Some(
+            tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| {
+                    anyhow::Error::new(ConfigError(format!(
+                        "cannot listen on {}: {e}",
+                        config.listen
+                    )))
+                })?,
+        ),
+        false => None,
+    };
+    let addr = match &listener {
+        Some(l) => l.local_addr()?,
+        None => config.listen,
+    };
     let base_url = format!("http://{addr}");
     bootstrap(&engine, config, &base_url).await?;
 
@@ -233,12 +249,12 @@ pub async fn run_server(
         channels = ?engine.channels.names(),
         "payrail started"
     );
-    if config.announce {
-        // Tests and scripts read this line to find the port.
-        println!("payrail listening on {base_url}");
-    }
     let signal = wait_for_stop(stop);
-    if config.api {
+    if let Some(listener) = listener {
+        if config.announce {
+            // Tests and scripts read this line to find the port.
+            println!("payrail listening on {base_url}");
+        }
         let mut rx = shutdown_rx.clone();
         let app = payrail_api::app(engine.clone());
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -252,7 +268,9 @@ pub async fn run_server(
         });
         server.await.context("HTTP server failed")?;
     } else {
-        drop(listener);
+        if config.announce {
+            println!("payrail worker running (no API in this process)");
+        }
         signal.await;
         let _ = shutdown_tx.send(true);
     }

@@ -8,13 +8,20 @@ fn payrail(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let dir = std::env::temp_dir().join(format!("payrail-cli-{}", payrail_client::nonce()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_payrail"));
-    cmd.args(args).current_dir(&dir).env("PAYRAIL_DATA_DIR", &dir).env_remove("PAYRAIL_DATABASE_URL");
+    cmd.args(args)
+        .current_dir(&dir)
+        .env("PAYRAIL_DATA_DIR", &dir)
+        .env_remove("PAYRAIL_DATABASE_URL");
     for (k, v) in envs {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -22,7 +29,10 @@ fn bad_configuration_exits_2_with_a_clear_message() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (&[("PAYRAIL_LISTEN", "not-an-address")], "listen address"),
         (&[("PAYRAIL_ROLES", "api,cook")], "unknown role"),
-        (&[("PAYRAIL_CHANNEL_TIMEOUT_MS", "abc")], "PAYRAIL_CHANNEL_TIMEOUT_MS"),
+        (
+            &[("PAYRAIL_CHANNEL_TIMEOUT_MS", "abc")],
+            "PAYRAIL_CHANNEL_TIMEOUT_MS",
+        ),
         (&[("PAYRAIL_CHANNEL_TIMEOUT_MS", "5")], "channel_timeout_ms"),
         (&[("PAYRAIL_DATABASE_URL", "mysql://x")], "database URL"),
         (&[("PAYRAIL_MASTER_KEY", "short")], "PAYRAIL_MASTER_KEY"),
@@ -31,7 +41,10 @@ fn bad_configuration_exits_2_with_a_clear_message() {
     for (env, needle) in cases {
         let (code, _, stderr) = payrail(&["serve"], env);
         assert_eq!(code, 2, "{env:?}: {stderr}");
-        assert!(stderr.contains(needle), "{env:?}: message should mention {needle}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{env:?}: message should mention {needle}: {stderr}"
+        );
         assert!(stderr.starts_with("error: "), "{stderr}");
     }
     let (code, _, stderr) = payrail(&["serve", "--config", "/nonexistent/payrail.toml"], &[]);
@@ -48,7 +61,56 @@ fn migrate_creates_a_fresh_database() {
 
 #[test]
 fn demo_without_a_server_says_what_to_do() {
-    let (code, _, stderr) = payrail(&["demo", "--url", "http://127.0.0.1:9", "--key-id", "k", "--secret", "s"], &[]);
+    let (code, _, stderr) = payrail(
+        &[
+            "demo",
+            "--url",
+            "http://127.0.0.1:9",
+            "--key-id",
+            "k",
+            "--secret",
+            "s",
+        ],
+        &[],
+    );
     assert_eq!(code, 1);
     assert!(stderr.contains("payrail serve"), "{stderr}");
+}
+
+#[test]
+fn a_changed_master_key_is_refused_at_start() {
+    use std::io::{BufRead, BufReader};
+    let dir = std::env::temp_dir().join(format!("payrail-cli-key-{}", payrail_client::nonce()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_a = "11".repeat(32);
+    let mut first = Command::new(env!("CARGO_BIN_EXE_payrail"))
+        .arg("serve")
+        .env("PAYRAIL_DATA_DIR", &dir)
+        .env("PAYRAIL_LISTEN", "127.0.0.1:0")
+        .env("PAYRAIL_MASTER_KEY", &key_a)
+        .env_remove("PAYRAIL_DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = first.stdout.take().unwrap();
+    let started = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("payrail listening on"));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(started);
+    let out = Command::new(env!("CARGO_BIN_EXE_payrail"))
+        .arg("serve")
+        .env("PAYRAIL_DATA_DIR", &dir)
+        .env("PAYRAIL_LISTEN", "127.0.0.1:0")
+        .env("PAYRAIL_MASTER_KEY", "22".repeat(32))
+        .env_remove("PAYRAIL_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("master key does not match"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -21,6 +21,14 @@ struct Server {
     url: String,
 }
 
+impl Drop for Server {
+    /// An interrupted or failed test must not leave a server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start(dir: &Path) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_payrail"))
         .arg("serve")
@@ -110,6 +118,7 @@ async fn acknowledged_payments_survive_sigkill_and_sync_resumes() {
     tokio::time::sleep_until(deadline.into()).await;
     server.child.kill().unwrap(); // SIGKILL on Unix
     server.child.wait().unwrap();
+    drop(server);
     for t in tasks {
         tokio::time::timeout(Duration::from_secs(30), t)
             .await
@@ -133,7 +142,7 @@ async fn acknowledged_payments_survive_sigkill_and_sync_resumes() {
         "some payments must be processing at the kill"
     );
 
-    let mut server = start(&dir);
+    let server = start(&dir);
     let client = PayrailClient::new(&server.url);
     // Every acknowledged payment is there, with its status or a whitelisted successor.
     for (id, status, _, _) in &acked {
@@ -216,7 +225,6 @@ async fn acknowledged_payments_survive_sigkill_and_sync_resumes() {
             "{id}"
         );
     }
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
