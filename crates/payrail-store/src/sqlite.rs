@@ -13,7 +13,6 @@ use crate::*;
 use payrail_domain::{AttemptId, AttemptStatus, PaymentStatus};
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,13 +23,6 @@ const WRITE_QUEUE_MAX: usize = 8192;
 /// Idle read connections kept open.
 const READERS_MAX: usize = 8;
 const BUSY_TIMEOUT_MS: u64 = 5_000;
-/// How often the checkpointer copies committed WAL pages into the database file.
-const CHECKPOINT_PERIOD_MS: u64 = 250;
-/// WAL size (pages of 4 KiB, so 64 MiB) past which the writer restarts the WAL. A PASSIVE
-/// checkpoint never catches up with a busy writer, and SQLite only starts the WAL over after a
-/// checkpoint that did; without this the WAL grew by 140 MB/s under load and throughput decayed
-/// (docs/BENCHMARKS.md).
-const WAL_RESTART_PAGES: i64 = 16_384;
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// Gets the writer's connection inside the batch transaction, or the reason there is none (the
@@ -38,8 +30,6 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 type WriteJob = Box<dyn FnOnce(Result<&Connection, &str>) -> Reply + Send>;
 
 pub struct SqliteStore {
-    /// The checkpoint thread stops when this is dropped.
-    _alive: Arc<()>,
     writer: mpsc::Sender<WriteJob>,
     readers: Arc<Readers>,
 }
@@ -109,27 +99,16 @@ impl SqliteStore {
             )));
         }
         migrate(&conn)?;
-        // Checkpoints run on their own thread (below), not inside a commit of the writer: a
-        // checkpoint copies pages and fsyncs the database file, which would stall every
-        // request waiting on that commit.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(db_err)?;
-        let restart_wanted = Arc::new(AtomicBool::new(false));
-        let restart_flag = restart_wanted.clone();
+        // Checkpoints stay SQLite's own (every 1,000 WAL pages, inside the writer's commit).
+        // A background PASSIVE checkpointer was measured and rejected: it never catches a busy
+        // writer, so the WAL must still be restarted from the writer, and those restarts
+        // doubled p99 latency for no throughput gain (docs/BENCHMARKS.md).
         let (tx, rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE_MAX);
         std::thread::Builder::new()
             .name("payrail-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, restart_wanted))
+            .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
-        let alive = Arc::new(());
-        let checkpoint_conn = open_connection(path)?;
-        let weak = Arc::downgrade(&alive);
-        std::thread::Builder::new()
-            .name("payrail-sqlite-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpoint_conn, weak, restart_flag))
-            .map_err(|e| StoreError::Config(format!("cannot start checkpoint thread: {e}")))?;
         Ok(SqliteStore {
-            _alive: alive,
             writer: tx,
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
@@ -242,27 +221,7 @@ fn run_in_savepoint<R>(
     }
 }
 
-/// Copies committed WAL frames into the database file while the writer keeps committing
-/// (PASSIVE never blocks it). SQLite restarts the WAL from its beginning once a checkpoint has
-/// caught up, so the file stays bounded under a steady load.
-fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<()>, restart: Arc<AtomicBool>) {
-    while alive.strong_count() > 0 {
-        std::thread::sleep(std::time::Duration::from_millis(CHECKPOINT_PERIOD_MS));
-        let res: rusqlite::Result<(i64, i64, i64)> =
-            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            });
-        match res {
-            Ok((_, wal_pages, _)) if wal_pages > WAL_RESTART_PAGES => {
-                restart.store(true, Ordering::Relaxed);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sqlite: checkpoint failed"),
-        }
-    }
-}
-
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, restart: Arc<AtomicBool>) {
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
     let mut replies: Vec<Reply> = Vec::with_capacity(WRITE_BATCH_MAX);
     while let Some(first) = rx.blocking_recv() {
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
@@ -287,13 +246,6 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>, restart: Arc<
         }
         for reply in replies.drain(..) {
             reply(commit.clone());
-        }
-        if restart.swap(false, Ordering::Relaxed) {
-            // Between batches no write is open, so this checkpoint can finish (the background
-            // thread has copied most frames already) and the next commit starts the WAL over.
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "sqlite: WAL restart failed");
-            }
         }
     }
 }
