@@ -92,10 +92,9 @@ async fn create_payment(State(engine): State<AppState>, s: Signed) -> Result<Res
                 }),
             )
             .await?;
-        Ok(Reply::ok(payment_json(
-            &res.payment,
-            res.next_action.as_ref(),
-        )))
+        let mut reply = Reply::ok(payment_json(&res.payment, res.next_action.as_ref()));
+        reply.already_stored = res.idempotency_completed;
+        Ok(reply)
     })
     .await
 }

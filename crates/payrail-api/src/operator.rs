@@ -66,6 +66,7 @@ async fn create_merchant(
             status: StatusCode::CREATED,
             body: merchant_json(&m),
             stored_body: None,
+            already_stored: false,
         })
     })
     .await
@@ -156,6 +157,7 @@ async fn create_app(
             status: StatusCode::CREATED,
             body: body(Value::String(creds.secret.expose().clone())),
             stored_body: Some(body(Value::Null)),
+            already_stored: false,
         })
     })
     .await

@@ -208,6 +208,8 @@ pub struct Reply {
     /// What to store for replays instead of `body` (to keep a shown-once secret out of the
     /// database).
     pub stored_body: Option<serde_json::Value>,
+    /// The engine already saved this response with its final write (no second commit).
+    pub already_stored: bool,
 }
 
 impl Reply {
@@ -216,6 +218,7 @@ impl Reply {
             status: StatusCode::OK,
             body,
             stored_body: None,
+            already_stored: false,
         }
     }
 }
@@ -341,21 +344,24 @@ where
         }
         IdempotencyState::New => {}
     }
-    let (status, text, stored) = match f(engine.clone(), key.as_str().to_string(), hash).await {
-        Ok(reply) => {
-            let text = reply.body.to_string();
-            let stored = reply
-                .stored_body
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| text.clone());
-            (reply.status, text, stored)
-        }
-        Err(e) => {
-            let text = e.body().to_string();
-            (e.status, text.clone(), text)
-        }
-    };
-    let save = if status.is_server_error() {
+    let (status, text, stored, already_stored) =
+        match f(engine.clone(), key.as_str().to_string(), hash).await {
+            Ok(reply) => {
+                let text = reply.body.to_string();
+                let stored = reply
+                    .stored_body
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| text.clone());
+                (reply.status, text, stored, reply.already_stored)
+            }
+            Err(e) => {
+                let text = e.body().to_string();
+                (e.status, text.clone(), text, false)
+            }
+        };
+    let save = if already_stored {
+        Ok(())
+    } else if status.is_server_error() {
         engine.store.release_idempotency(&scope, key.as_str()).await
     } else {
         engine

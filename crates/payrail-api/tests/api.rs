@@ -1054,11 +1054,11 @@ both!(
             key_id: c.key_id.clone(),
             merchant_active: true,
         };
-        let body = json!({"amount": 1000, "currency": "CNY", "out_trade_no": "r1", "subject": "x", "method": "sandbox"}).to_string();
+        let body = json!({"amount": 1002, "currency": "CNY", "out_trade_no": "r1", "subject": "x", "method": "sandbox"}).to_string();
         let key = "crash-key";
         let hash = payrail_engine::auth::request_hash("POST", "/v1/payments", body.as_bytes());
-        // The first try claimed its key and created its payment; then the process died before it
-        // could store the answer.
+        // The first try claimed its key and created its payment, still processing (a final
+        // status would have saved the answer in the same commit); then the process died.
         let now = h.engine.now_ms();
         let claim = IdempotencyClaim {
             scope: mch.clone(),
@@ -1077,7 +1077,7 @@ both!(
             .await
             .unwrap();
         let input = payrail_engine::payments::CreatePayment {
-            amount: payrail_domain::Money::payment_amount(1000, payrail_domain::Currency::CNY)
+            amount: payrail_domain::Money::payment_amount(1002, payrail_domain::Currency::CNY)
                 .unwrap(),
             out_trade_no: payrail_domain::input::OutTradeNo::parse("r1").unwrap(),
             subject: payrail_domain::input::Subject::parse("x").unwrap(),

@@ -18,8 +18,8 @@ use payrail_domain::{
     AttemptStatus, ChannelOutcome, Currency, EventId, Money, PaymentId, PaymentStatus,
 };
 use payrail_store::{
-    AlertRecord, AttemptRecord, CreatePaymentOutcome, JobRecord, JobUpdate, NewEvent, NewJob,
-    NewPayment, PaymentRecord, Transition,
+    AlertRecord, AttemptRecord, CreatePaymentOutcome, IdempotencyCompletion, JobRecord, JobUpdate,
+    NewEvent, NewJob, NewPayment, PaymentRecord, Transition,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +50,9 @@ pub struct IdemRef<'a> {
 pub struct PaymentResult {
     pub payment: PaymentRecord,
     pub next_action: Option<NextAction>,
+    /// The request's idempotent response (200, the payment) was saved with the final status
+    /// change; the caller must not save it again.
+    pub idempotency_completed: bool,
 }
 
 impl Engine {
@@ -136,6 +139,7 @@ impl Engine {
                 return Ok(PaymentResult {
                     payment: *existing,
                     next_action: None,
+                    idempotency_completed: false,
                 });
             }
             return Err(EngineError::DuplicateOutTradeNo);
@@ -163,8 +167,8 @@ impl Engine {
                 },
             };
         self.observe_channel(connector.name(), "submit", &response.outcome, started);
-        let payment = self
-            .apply_outcome(payment, attempt, &response.outcome)
+        let (payment, idempotency_completed) = self
+            .apply_outcome_saving(payment, attempt, &response.outcome, idem)
             .await?;
         if !payment.status.is_terminal() {
             // The answer came back (processing or unknown): the first status query is due a
@@ -186,6 +190,7 @@ impl Engine {
         Ok(PaymentResult {
             payment,
             next_action,
+            idempotency_completed,
         })
     }
 
@@ -219,16 +224,31 @@ impl Engine {
     /// changed them meanwhile. Returns the payment as stored afterwards.
     pub async fn apply_outcome(
         &self,
+        payment: PaymentRecord,
+        attempt: AttemptRecord,
+        outcome: &ChannelOutcome,
+    ) -> Result<PaymentRecord, EngineError> {
+        Ok(self
+            .apply_outcome_saving(payment, attempt, outcome, None)
+            .await?
+            .0)
+    }
+
+    /// [`Self::apply_outcome`] that, if the change ends the payment, also saves `idem`'s
+    /// response (200 and the payment) in the same transaction. Returns whether it did.
+    async fn apply_outcome_saving(
+        &self,
         mut payment: PaymentRecord,
         mut attempt: AttemptRecord,
         outcome: &ChannelOutcome,
-    ) -> Result<PaymentRecord, EngineError> {
+        idem: Option<IdemRef<'_>>,
+    ) -> Result<(PaymentRecord, bool), EngineError> {
         for _ in 0..APPLY_RETRIES_MAX {
             let next = match decide(attempt.status, outcome) {
-                Decision::NoChange => return Ok(payment),
+                Decision::NoChange => return Ok((payment, false)),
                 Decision::Conflict { current, reported } => {
                     self.raise_conflict(&payment, current, reported).await?;
-                    return Ok(payment);
+                    return Ok((payment, false));
                 }
                 Decision::Transition(next) => next,
             };
@@ -284,6 +304,14 @@ impl Engine {
                     kind: JOB_PAYMENT_SYNC.into(),
                     subject_id: payment.id.to_string(),
                 }),
+                // A finished payment has no next action, so this is exactly the response the
+                // API would send (crate::views is the one place that shapes it).
+                idempotency: idem.filter(|_| terminal).map(|i| IdempotencyCompletion {
+                    scope: payment.merchant_id.to_string(),
+                    key: i.key.to_string(),
+                    status: 200,
+                    body: crate::views::payment_json(&updated, None).to_string(),
+                }),
             };
             if self.store.apply_transition(&t).await? {
                 self.metrics.inc(
@@ -295,7 +323,8 @@ impl Engine {
                     ],
                 );
                 tracing::info!(payment_id = %payment.id, from = %payment.status, to = %next_payment, "payment status changed");
-                return Ok(updated);
+                let saved = t.idempotency.is_some();
+                return Ok((updated, saved));
             }
             // Lost the race: read what won and decide again.
             payment = self

@@ -319,6 +319,16 @@ async fn sequence_outbox(client: &mut deadpool_postgres::Object) -> Result<()> {
     tx.commit().await.map_err(pg_err)
 }
 
+async fn complete_key<C: GenericClient>(c: &C, done: &IdempotencyCompletion) -> Result<()> {
+    execute(
+        c,
+        "UPDATE idempotency_keys SET state = 'completed', response_status = $1, response_body = $2 WHERE scope = $3 AND idem_key = $4",
+        &[&i64::from(done.status), &done.body, &done.scope, &done.key],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn apply_job_update<C: GenericClient>(c: &C, u: &JobUpdate) -> Result<()> {
     match u {
         JobUpdate::Schedule { kind, subject_id, run_at_ms, last_error } => {
@@ -581,13 +591,13 @@ impl Store for PgStore {
         _now_ms: i64,
     ) -> Result<()> {
         let c = self.client().await?;
-        execute(
-            &c,
-            "UPDATE idempotency_keys SET state = 'completed', response_status = $1, response_body = $2 WHERE scope = $3 AND idem_key = $4",
-            &[&i64::from(status), &body, &scope, &key],
-        )
-        .await?;
-        Ok(())
+        let done = IdempotencyCompletion {
+            scope: scope.into(),
+            key: key.into(),
+            status,
+            body: body.into(),
+        };
+        complete_key(&c, &done).await
     }
 
     async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()> {
@@ -792,6 +802,9 @@ impl Store for PgStore {
         }
         if let Some(j) = &t.job {
             apply_job_update(&tx, j).await?;
+        }
+        if let Some(done) = &t.idempotency {
+            complete_key(&tx, done).await?;
         }
         if let Some(e) = &t.event {
             insert_event(&tx, e).await?;

@@ -221,6 +221,18 @@ pub struct Transition {
     pub now_ms: i64,
     pub event: Option<NewEvent>,
     pub job: Option<JobUpdate>,
+    /// The idempotent response of the request that caused this change, saved in the same
+    /// transaction (one commit fewer on the payment path).
+    pub idempotency: Option<IdempotencyCompletion>,
+}
+
+/// The final response of an idempotent request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyCompletion {
+    pub scope: String,
+    pub key: String,
+    pub status: u16,
+    pub body: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -407,6 +407,15 @@ fn insert_event(c: &Connection, e: &NewEvent) -> Result<()> {
     Ok(())
 }
 
+fn complete_key(c: &Connection, done: &IdempotencyCompletion) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE idempotency_keys SET state = 'completed', response_status = ?1, response_body = ?2 WHERE scope = ?3 AND idem_key = ?4",
+    )
+    .and_then(|mut s| s.execute(params![done.status, done.body, done.scope, done.key]))
+    .map_err(db_err)?;
+    Ok(())
+}
+
 fn apply_job_update(c: &Connection, u: &JobUpdate) -> Result<()> {
     match u {
         JobUpdate::Schedule { kind, subject_id, run_at_ms, last_error } => c
@@ -635,16 +644,13 @@ impl Store for SqliteStore {
         body: &str,
         _now_ms: i64,
     ) -> Result<()> {
-        let (scope, key, body) = (scope.to_string(), key.to_string(), body.to_string());
-        self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE idempotency_keys SET state = 'completed', response_status = ?1, response_body = ?2 WHERE scope = ?3 AND idem_key = ?4",
-            )
-            .and_then(|mut s| s.execute(params![status, body, scope, key]))
-            .map_err(db_err)?;
-            Ok(())
-        })
-        .await
+        let done = IdempotencyCompletion {
+            scope: scope.into(),
+            key: key.into(),
+            status,
+            body: body.into(),
+        };
+        self.write(move |c| complete_key(c, &done)).await
     }
 
     async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()> {
@@ -836,6 +842,9 @@ impl Store for SqliteStore {
             }
             if let Some(j) = &t.job {
                 apply_job_update(c, j)?;
+            }
+            if let Some(done) = &t.idempotency {
+                complete_key(c, done)?;
             }
             Ok((true, true))
         })

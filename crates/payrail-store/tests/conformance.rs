@@ -160,6 +160,7 @@ fn succeed(p: &PaymentRecord, a: &AttemptRecord, t: i64) -> Transition {
             kind: SYNC.into(),
             subject_id: p.id.to_string(),
         }),
+        idempotency: None,
     }
 }
 
@@ -674,6 +675,44 @@ async fn check_stale_transition_writes_nothing(store: DynStore) {
     assert_eq!(
         (after.0.version, after.1[0].version, after.2.len(), after.3),
         (2, 2, 1, 0)
+    );
+}
+
+async fn check_transition_saves_idempotent_response_atomically(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let new = new_payment(m, "i-1");
+    create(&store, &new).await;
+    let (p, a) = (new.payment.clone(), new.attempt.clone());
+    let scope = m.to_string();
+    assert_eq!(
+        admit_key(&store, &scope, "k-1", "h", T0).await,
+        IdempotencyState::New
+    );
+    let done = IdempotencyCompletion {
+        scope: scope.clone(),
+        key: "k-1".into(),
+        status: 200,
+        body: "{\"id\":1}".into(),
+    };
+    // A stale transition saves nothing, the response included.
+    let mut stale = succeed(&p, &a, T0 + 1);
+    stale.payment_version = p.version + 1;
+    stale.idempotency = Some(done.clone());
+    assert!(!store.apply_transition(&stale).await.unwrap());
+    assert_eq!(
+        admit_key(&store, &scope, "k-1", "h", T0 + 2).await,
+        IdempotencyState::InProgress
+    );
+    // The winning transition saves it with the status change.
+    let mut t = succeed(&p, &a, T0 + 3);
+    t.idempotency = Some(done);
+    assert!(store.apply_transition(&t).await.unwrap());
+    assert_eq!(
+        admit_key(&store, &scope, "k-1", "h", T0 + 4).await,
+        IdempotencyState::Replay {
+            status: 200,
+            body: "{\"id\":1}".into()
+        }
     );
 }
 
@@ -1418,6 +1457,7 @@ conformance! {
         check_payment_reads_scoped_by_merchant,
         check_transition_applies_everything,
         check_stale_transition_writes_nothing,
+        check_transition_saves_idempotent_response_atomically,
         check_concurrent_transitions_one_winner,
         check_one_succeeded_attempt_per_payment,
         check_outbox_readers_never_skip_events,
