@@ -128,6 +128,17 @@ impl PayrailClient {
             .await
     }
 
+    /// A signed POST with a fresh `Idempotency-Key`: a new operation, not a retry.
+    pub async fn post_new(
+        &self,
+        creds: &Credentials,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<Answer, ClientError> {
+        self.signed(creds, Method::POST, path, body, Some(&nonce()))
+            .await
+    }
+
     /// Sends a request with a ready-made Authorization header (tests of the signature checks).
     pub async fn signed_raw(
         &self,

@@ -280,15 +280,7 @@ async fn drive(
         })
         .to_string();
         let t0 = Instant::now();
-        let res = client
-            .signed(
-                &creds,
-                Method::POST,
-                "/v1/payments",
-                Some(&body),
-                Some(&nonce()),
-            )
-            .await;
+        let res = client.post_new(&creds, "/v1/payments", Some(&body)).await;
         let us = u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX);
         match res {
             Ok(a) if a.status == 200 => {

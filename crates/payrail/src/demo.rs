@@ -147,12 +147,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     println!("\n2. A payment the payer confirms a few seconds later (amount ending in 02)");
     let a = c
-        .signed(
+        .post_new(
             &creds,
-            Method::POST,
             "/v1/payments",
             Some(&payment_body(1002, &format!("demo-{run_id}-2"), "Tea")),
-            Some(&nonce()),
         )
         .await?;
     show("POST /v1/payments  10.02 CNY", &a);
@@ -182,45 +180,29 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     println!("\n3. Closing an unpaid payment (amount ending in 04: the payer never pays)");
     let a = c
-        .signed(
+        .post_new(
             &creds,
-            Method::POST,
             "/v1/payments",
             Some(&payment_body(1504, &format!("demo-{run_id}-3"), "Cake")),
-            Some(&nonce()),
         )
         .await?;
     show("POST /v1/payments  15.04 CNY", &a);
     let cid = a.body["id"].as_str().unwrap_or_default().to_string();
     let cl = c
-        .signed(
-            &creds,
-            Method::POST,
-            &format!("/v1/payments/{cid}/close"),
-            None,
-            Some(&nonce()),
-        )
+        .post_new(&creds, &format!("/v1/payments/{cid}/close"), None)
         .await?;
     show(&format!("POST /v1/payments/{cid}/close"), &cl);
     let cl2 = c
-        .signed(
-            &creds,
-            Method::POST,
-            &format!("/v1/payments/{id}/close"),
-            None,
-            Some(&nonce()),
-        )
+        .post_new(&creds, &format!("/v1/payments/{id}/close"), None)
         .await?;
     show("closing the succeeded payment from step 1", &cl2);
 
     println!("\n4. A declined payment (amount ending in 01)");
     let a = c
-        .signed(
+        .post_new(
             &creds,
-            Method::POST,
             "/v1/payments",
             Some(&payment_body(2001, &format!("demo-{run_id}-4"), "Book")),
-            Some(&nonce()),
         )
         .await?;
     show("POST /v1/payments  20.01 CNY", &a);
@@ -237,15 +219,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ("out_trade_no reused from step 1", payment_body(1200, &otn, "again")),
     ];
     for (what, body) in bad {
-        let a = c
-            .signed(
-                &creds,
-                Method::POST,
-                "/v1/payments",
-                Some(&body),
-                Some(&nonce()),
-            )
-            .await?;
+        let a = c.post_new(&creds, "/v1/payments", Some(&body)).await?;
         show(what, &a);
     }
     let a = c
