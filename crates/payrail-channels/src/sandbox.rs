@@ -17,6 +17,8 @@
 
 use crate::*;
 use payrail_domain::Clock;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How long scripted "processing" orders stay open before their scripted end.
@@ -26,7 +28,13 @@ pub struct Sandbox {
     clock: Arc<dyn Clock>,
     /// How long the `03` script hangs; longer than any sensible channel timeout.
     hang: Duration,
+    /// Orders closed here: a real channel never lets a closed order be paid, so neither does
+    /// the sandbox. Kept in memory (forgotten on restart) and bounded.
+    closed: Mutex<HashSet<AttemptId>>,
 }
+
+/// Most closed orders the sandbox remembers; beyond it the oldest knowledge is dropped at once.
+const CLOSED_REMEMBERED_MAX: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Script {
@@ -56,6 +64,7 @@ impl Sandbox {
         Sandbox {
             clock,
             hang: Duration::from_secs(120),
+            closed: Mutex::new(HashSet::new()),
         }
     }
 
@@ -71,7 +80,17 @@ impl Sandbox {
     }
 
     /// The status the channel would report now for an order submitted at `submitted_at_ms`.
+    fn is_closed(&self, attempt: &AttemptId) -> bool {
+        self.closed
+            .lock()
+            .map(|c| c.contains(attempt))
+            .unwrap_or(false)
+    }
+
     fn status_now(&self, req: &QueryRequest) -> ChannelOutcome {
+        if self.is_closed(&req.attempt_id) {
+            return ChannelOutcome::Closed;
+        }
         let now = self.clock.now_ms();
         let settled_at = req.submitted_at_ms.saturating_add(PENDING_MS);
         let open = ChannelOutcome::Processing {
@@ -149,7 +168,15 @@ impl Connector for Sandbox {
             failed @ ChannelOutcome::Failed { .. } => failed,
             // "Not found": nothing to close, and we cannot prove it is closed.
             unknown @ ChannelOutcome::Unknown { .. } => unknown,
-            _ => ChannelOutcome::Closed,
+            _ => {
+                if let Ok(mut closed) = self.closed.lock() {
+                    if closed.len() >= CLOSED_REMEMBERED_MAX {
+                        closed.clear();
+                    }
+                    closed.insert(req.attempt_id);
+                }
+                ChannelOutcome::Closed
+            }
         }
     }
 }
@@ -161,7 +188,12 @@ mod tests {
 
     fn req(amount_minor: i64, submitted_at_ms: i64) -> QueryRequest {
         QueryRequest {
-            attempt_id: AttemptId::generate(submitted_at_ms as u64, [1; 10]),
+            // Distinct orders get distinct ids (the sandbox remembers closes per id).
+            attempt_id: AttemptId::generate(submitted_at_ms as u64, {
+                let mut r = [0u8; 10];
+                r[..8].copy_from_slice(&amount_minor.to_be_bytes());
+                r
+            }),
             amount: Money::new(amount_minor, Currency::CNY),
             channel_trade_no: None,
             submitted_at_ms,
@@ -194,6 +226,21 @@ mod tests {
         assert_eq!(sbx.close(&req(1004, 0)).await, ChannelOutcome::Closed);
         assert_eq!(sbx.close(&req(1000, 0)).await.label(), "succeeded");
         assert_eq!(sbx.close(&req(1006, 0)).await.label(), "unknown");
+    }
+
+    /// Regression: a `02` order closed before its scripted payment was later reported paid,
+    /// which raised a false conflict alert on re-query.
+    #[tokio::test]
+    async fn a_closed_order_stays_closed() {
+        let clock = Arc::new(ManualClock::new(0));
+        let sbx = Sandbox::new(clock.clone());
+        let r = req(1002, 0);
+        assert_eq!(sbx.close(&r).await, ChannelOutcome::Closed);
+        clock.advance_ms(PENDING_MS * 2);
+        assert_eq!(sbx.query(&r).await, ChannelOutcome::Closed);
+        assert_eq!(sbx.close(&r).await, ChannelOutcome::Closed);
+        // Another order with the same script is unaffected.
+        assert_eq!(sbx.query(&req(2002, 0)).await.label(), "succeeded");
     }
 
     #[tokio::test]
