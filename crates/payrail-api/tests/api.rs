@@ -956,6 +956,15 @@ both!(secrets_stay_secret, |b| async move {
         assert!(!log.contains(s.as_str()), "secret in log");
     }
     if let Backend::Sqlite = b {
+        #[cfg(unix)]
+        for f in ["payrail.db", "payrail.db-wal"] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(h.dir.join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
+        }
         let mut bytes = std::fs::read(h.dir.join("payrail.db")).unwrap();
         bytes.extend(std::fs::read(h.dir.join("payrail.db-wal")).unwrap_or_default());
         let text = String::from_utf8_lossy(&bytes);
