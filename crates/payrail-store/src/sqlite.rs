@@ -228,10 +228,15 @@ fn run_in_savepoint<R>(
     };
     exec("SAVEPOINT op")?;
     match f(conn) {
-        Ok((v, true)) => {
-            exec("RELEASE op")?;
-            Ok(v)
-        }
+        Ok((v, true)) => match exec("RELEASE op") {
+            Ok(_) => Ok(v),
+            Err(e) => {
+                // Keep its writes out of the batch: the caller is told it failed.
+                let _ = exec("ROLLBACK TO op");
+                let _ = exec("RELEASE op");
+                Err(e)
+            }
+        },
         Ok((v, false)) => {
             exec("ROLLBACK TO op")?;
             exec("RELEASE op")?;
@@ -258,13 +263,27 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
             continue;
         }
         replies.push(first(Ok(&conn)));
-        while replies.len() < WRITE_BATCH_MAX {
+        // SQLite aborts the whole transaction on some errors (disk full, I/O error). Then the
+        // batch is gone, and a later job's SAVEPOINT/RELEASE would commit on its own while its
+        // caller is told it failed. So stop at once, and fail the whole batch.
+        let mut aborted = conn.is_autocommit();
+        while !aborted && replies.len() < WRITE_BATCH_MAX {
             match rx.try_recv() {
-                Ok(job) => replies.push(job(Ok(&conn))),
+                Ok(job) => {
+                    replies.push(job(Ok(&conn)));
+                    aborted = conn.is_autocommit();
+                }
                 Err(_) => break,
             }
         }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        let commit = if aborted {
+            Err(
+                "the transaction was aborted by SQLite; nothing in this batch was saved"
+                    .to_string(),
+            )
+        } else {
+            conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+        };
         if let Err(e) = &commit {
             tracing::error!(error = %e, batch = replies.len(), "sqlite: commit failed");
             let _ = conn.execute_batch("ROLLBACK");
@@ -998,5 +1017,81 @@ impl Store for SqliteStore {
             Ok((a + b) as u64)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn temp_store() -> SqliteStore {
+        let dir = std::env::temp_dir()
+            .join(format!("payrail-sqlite-unit-{}", now_ms()))
+            .join(format!("{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+        SqliteStore::open(&dir.join("t.db")).unwrap()
+    }
+
+    /// Regression: when SQLite aborted the batch transaction, the writes after it in the same
+    /// batch committed on their own (autocommit) while their callers were told they failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_aborts_the_transaction_fails_the_batch_and_nothing_commits_behind_it() {
+        let store = Arc::new(temp_store());
+        let put = |name: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .write(move |c| {
+                        c.execute(
+                            "INSERT INTO settings (name, value) VALUES (?1, 'v')",
+                            [name],
+                        )
+                        .map_err(db_err)?;
+                        Ok(())
+                    })
+                    .await
+            }
+        };
+        // Hold the writer inside a batch so the next writes join it.
+        let slow = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(|c| {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        c.execute(
+                            "INSERT INTO settings (name, value) VALUES ('slow', 'v')",
+                            [],
+                        )
+                        .map_err(db_err)?;
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let abort = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(|c| {
+                        // What SQLite does itself on SQLITE_FULL or SQLITE_IOERR.
+                        c.execute_batch("ROLLBACK").map_err(db_err)?;
+                        Err::<(), _>(StoreError::Database("simulated disk full".into()))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let after = tokio::spawn(put("after"));
+        assert!(abort.await.unwrap().is_err());
+        let slow = slow.await.unwrap();
+        let after = after.await.unwrap();
+        // Every answer must match what is on disk.
+        for (name, answer) in [("slow", slow.is_ok()), ("after", after.is_ok())] {
+            let stored = store.get_setting(name).await.unwrap().is_some();
+            assert_eq!(answer, stored, "{name}: told ok={answer}, stored={stored}");
+        }
+        assert!(put("later").await.is_ok(), "the writer keeps working");
     }
 }
