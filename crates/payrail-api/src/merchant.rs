@@ -81,7 +81,7 @@ fn validate_create(body: &[u8]) -> Result<CreatePayment, ApiError> {
 
 async fn create_payment(State(engine): State<AppState>, s: Signed) -> Result<Response, ApiError> {
     let input = validate_create(&s.body)?;
-    idempotent(&engine, s.mutation(), |engine, key, hash| async move {
+    idempotent(&engine, s.mutation(), move |engine, key, hash| async move {
         let res = engine
             .create_payment(
                 &s.app,
@@ -143,7 +143,7 @@ async fn close_payment(
         )?;
     }
     let id = parse_payment_id(&id)?;
-    idempotent(&engine, s.mutation(), |engine, _, _| async move {
+    idempotent(&engine, s.mutation(), move |engine, _, _| async move {
         let p = engine.close_payment(&s.app, id).await?;
         Ok(Reply::ok(payment_json(&p, None)))
     })

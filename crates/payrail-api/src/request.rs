@@ -1,7 +1,7 @@
 //! Extractors shared by the handlers: the signed merchant request, the operator, JSON bodies,
 //! and the idempotency wrapper every POST goes through.
 
-use crate::error::{json_error, ApiError};
+use crate::error::{json_error, ApiError, REQUEST_ID};
 use crate::AppState;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -12,6 +12,7 @@ use payrail_domain::signing::{SignedRequest, TIMESTAMP_WINDOW_S};
 use payrail_engine::auth::{request_hash, AppAuth, AuthError};
 use payrail_store::{Admission, AdmissionOutcome, IdempotencyClaim, IdempotencyState, NonceClaim};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 /// A merchant request whose signature and timestamp have been verified. Its nonce is claimed
 /// later, together with the idempotency key, after the body has been validated.
@@ -278,8 +279,8 @@ impl Operator {
 /// 5xx answers are not stored, so the request can be retried.
 pub async fn idempotent<F, Fut>(engine: &AppState, m: Mutation, f: F) -> Result<Response, ApiError>
 where
-    F: FnOnce(AppState, String, String) -> Fut,
-    Fut: std::future::Future<Output = Result<Reply, ApiError>>,
+    F: FnOnce(AppState, String, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Reply, ApiError>> + Send + 'static,
 {
     let Mutation {
         scope,
@@ -344,42 +345,60 @@ where
         }
         IdempotencyState::New => {}
     }
-    let (status, text, stored, already_stored) =
-        match f(engine.clone(), key.as_str().to_string(), hash).await {
-            Ok(reply) => {
-                let text = reply.body.to_string();
-                let stored = reply
-                    .stored_body
-                    .map(|b| b.to_string())
-                    .unwrap_or_else(|| text.clone());
-                (reply.status, text, stored, reply.already_stored)
-            }
-            Err(e) => {
-                let text = e.body().to_string();
-                (e.status, text.clone(), text, false)
-            }
+    // The work runs in its own task: if the client disconnects, hyper drops this handler, but
+    // a payment half-way through its channel call must still get its answer applied and its
+    // idempotent response saved (otherwise the key stays in progress and the retry waits).
+    let request_id = crate::error::current_request_id().unwrap_or_default();
+    let task_engine = engine.clone();
+    let work = async move {
+        let engine = task_engine;
+        let (status, text, stored, already_stored) =
+            match f(engine.clone(), key.as_str().to_string(), hash).await {
+                Ok(reply) => {
+                    let text = reply.body.to_string();
+                    let stored = reply
+                        .stored_body
+                        .map(|b| b.to_string())
+                        .unwrap_or_else(|| text.clone());
+                    (reply.status, text, stored, reply.already_stored)
+                }
+                Err(e) => {
+                    let text = e.body().to_string();
+                    (e.status, text.clone(), text, false)
+                }
+            };
+        // Not stored, so a retry runs again: server errors, and 403 (a frozen merchant may be
+        // unfrozen; the answer is not a property of the request).
+        let transient = status.is_server_error() || status == StatusCode::FORBIDDEN;
+        let save = if already_stored {
+            Ok(())
+        } else if transient {
+            engine.store.release_idempotency(&scope, key.as_str()).await
+        } else {
+            engine
+                .store
+                .complete_idempotency(
+                    &scope,
+                    key.as_str(),
+                    status.as_u16(),
+                    &stored,
+                    engine.now_ms(),
+                )
+                .await
         };
-    let save = if already_stored {
-        Ok(())
-    } else if status.is_server_error() {
-        engine.store.release_idempotency(&scope, key.as_str()).await
-    } else {
-        engine
-            .store
-            .complete_idempotency(
-                &scope,
-                key.as_str(),
-                status.as_u16(),
-                &stored,
-                engine.now_ms(),
-            )
-            .await
+        if let Err(e) = save {
+            // The work is done and durable; only the replay record is missing. A retry will
+            // find the existing object through its out_trade_no, so answer normally.
+            tracing::error!(error = %e, "cannot store idempotent response");
+        }
+        (status, text)
     };
-    if let Err(e) = save {
-        // The work is done and durable; only the replay record is missing. A retry will find
-        // the existing object through its out_trade_no, so answer normally.
-        tracing::error!(error = %e, "cannot store idempotent response");
-    }
+    let task =
+        tokio::spawn(REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current())));
+    let (status, text) = task.await.map_err(|e| {
+        tracing::error!(error = %e, "request task failed");
+        ApiError::internal()
+    })?;
     Ok(json_response(status, text, false))
 }
 

@@ -1224,3 +1224,74 @@ both!(operator_query_errors_are_json, |b| async move {
         );
     }
 });
+
+both!(
+    a_client_that_disconnects_mid_payment_does_not_cancel_it,
+    |b| async move {
+        let Some(h) = harness(b).await else { return };
+        let (_, c) = h.merchant("Shop").await;
+        // `03` hangs at the channel until the 300 ms channel timeout; the client gives up at 100 ms.
+        let body = json!({"amount": 1003, "currency": "CNY", "out_trade_no": "gone", "subject": "x", "method": "sandbox"}).to_string();
+        let auth = payrail_domain::signing::authorization_header(
+            &c.key_id,
+            c.secret.as_bytes(),
+            "POST",
+            "/v1/payments",
+            unix_now(),
+            &nonce(),
+            body.as_bytes(),
+        );
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let r = impatient
+            .post(format!("{}/v1/payments", h.client.base_url()))
+            .header("authorization", auth)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "gone-key")
+            .body(body.clone())
+            .send()
+            .await;
+        assert!(r.is_err(), "the client timed out");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The server finished the request anyway and saved its answer: the retry is a replay, not
+        // a 409 "in use" for the next minute.
+        let retry = h
+            .post(&c, "/v1/payments", Some(&body), Some("gone-key"))
+            .await;
+        assert_eq!(retry.status, 200, "{}", retry.body);
+        assert!(retry.replayed);
+        assert_eq!(retry.body["status"], "processing");
+    }
+);
+
+both!(
+    a_frozen_merchant_answer_is_not_replayed_after_unfreeze,
+    |b| async move {
+        let Some(h) = harness(b).await else { return };
+        let (mch, c) = h.merchant("Shop").await;
+        let op = |path: String| {
+            let (client, token) = (h.client.clone(), h.op.clone());
+            async move {
+                client
+                    .operator(&token, Method::POST, &path, None, Some(&nonce()))
+                    .await
+                    .unwrap()
+            }
+        };
+        op(format!("/v1/operator/merchants/{mch}/freeze")).await;
+        let body = json!({"amount": 1000, "currency": "CNY", "out_trade_no": "fz", "subject": "x", "method": "sandbox"}).to_string();
+        let a = h
+            .post(&c, "/v1/payments", Some(&body), Some("fz-key"))
+            .await;
+        assert_eq!(a.error_code(), Some("merchant_frozen"));
+        op(format!("/v1/operator/merchants/{mch}/unfreeze")).await;
+        let b2 = h
+            .post(&c, "/v1/payments", Some(&body), Some("fz-key"))
+            .await;
+        assert_eq!(b2.status, 200, "{}", b2.body);
+        assert!(!b2.replayed);
+        assert_eq!(b2.body["status"], "succeeded");
+    }
+);
