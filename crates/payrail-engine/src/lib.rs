@@ -40,6 +40,18 @@ pub struct EngineConfig {
     pub auth_cache_ttl_ms: i64,
 }
 
+impl EngineConfig {
+    /// Derived bounds that other settings imply. An in-progress idempotency key may only be
+    /// taken over once its request cannot still be inside a channel call: at least twice the
+    /// channel timeout plus 10 s.
+    pub fn normalised(mut self) -> EngineConfig {
+        let call_ms = i64::try_from(self.channel_timeout_ms).unwrap_or(i64::MAX);
+        let floor_ms = call_ms.saturating_mul(2).saturating_add(10_000);
+        self.idempotency_stale_ms = self.idempotency_stale_ms.max(floor_ms);
+        self
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -103,6 +115,7 @@ impl Engine {
         master_key: crypto::MasterKey,
         config: EngineConfig,
     ) -> Engine {
+        let config = config.normalised();
         Engine {
             store,
             channels,
@@ -122,3 +135,23 @@ impl Engine {
 
 /// Name of the job kind that drives processing attempts to a definite answer.
 pub const JOB_PAYMENT_SYNC: &str = "payment_sync";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_takeover_outlasts_a_channel_call() {
+        let c = EngineConfig {
+            channel_timeout_ms: 120_000,
+            ..EngineConfig::default()
+        }
+        .normalised();
+        assert_eq!(c.idempotency_stale_ms, 250_000);
+        let c = EngineConfig::default().normalised();
+        assert_eq!(
+            c.idempotency_stale_ms, 60_000,
+            "the default already exceeds 2 x 10 s + 10 s"
+        );
+    }
+}
