@@ -1295,3 +1295,32 @@ both!(
         assert_eq!(b2.body["status"], "succeeded");
     }
 );
+
+both!(a_freeze_by_another_process_counts_at_once, |b| async move {
+    let Some(h) = harness(b).await else { return };
+    let (mch, c) = h.merchant("Shop").await;
+    assert_eq!(
+        h.create(&c, 1000, "before").await.status,
+        200,
+        "the app is now cached as active"
+    );
+    // Another process freezes the merchant: this process's cache is not told.
+    let id: payrail_domain::MerchantId = mch.parse().unwrap();
+    h.engine
+        .store
+        .set_merchant_status(id, payrail_store::MerchantStatus::Frozen, h.engine.now_ms())
+        .await
+        .unwrap();
+    let a = h.create(&c, 1000, "after").await;
+    assert_eq!(
+        (a.status, a.error_code()),
+        (403, Some("merchant_frozen")),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        h.get(&c, "/v1/payments/out_trade_no/after").await.status,
+        404,
+        "nothing written"
+    );
+});

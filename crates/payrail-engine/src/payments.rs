@@ -126,9 +126,13 @@ impl Engine {
                 run_at_ms: now.saturating_add(first_sync_ms),
             }),
         };
-        if let CreatePaymentOutcome::DuplicateOutTradeNo(existing) =
-            self.store.create_payment(&new).await?
-        {
+        let created = self.store.create_payment(&new).await?;
+        if created == CreatePaymentOutcome::MerchantNotActive {
+            // Frozen since the app was cached (possibly by another process).
+            self.invalidate_merchant(app.merchant_id);
+            return Err(EngineError::MerchantFrozen);
+        }
+        if let CreatePaymentOutcome::DuplicateOutTradeNo(existing) = created {
             // The same request, retried after its first try died mid-way: answer with the
             // payment it created (the sync job is driving it) rather than an error.
             let same_request = idem.is_some_and(|i| {

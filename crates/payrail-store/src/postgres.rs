@@ -616,6 +616,20 @@ impl Store for PgStore {
         let tx = c.transaction().await.map_err(pg_err)?;
         let p = &new.payment;
         let (merchant_id, out_trade_no) = (p.merchant_id.to_string(), &p.out_trade_no);
+        // FOR SHARE: a concurrent freeze waits for this commit, so a payment is either created
+        // before the freeze or refused after it.
+        let status = tx
+            .query_opt(
+                "SELECT status FROM merchants WHERE id = $1 FOR SHARE",
+                &[&merchant_id],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.get::<_, String>(0));
+        if status.as_deref() != Some(MerchantStatus::Active.as_str()) {
+            tx.rollback().await.map_err(pg_err)?;
+            return Ok(CreatePaymentOutcome::MerchantNotActive);
+        }
         let inserted = execute(
             &tx,
             &format!(

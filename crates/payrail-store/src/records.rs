@@ -154,6 +154,9 @@ pub enum CreatePaymentOutcome {
     Created,
     /// `(merchant, out_trade_no)` exists already; here it is.
     DuplicateOutTradeNo(Box<PaymentRecord>),
+    /// The merchant is frozen (or gone) as of this write; nothing was written. Checked in the
+    /// write itself so a freeze counts at once in every process, whatever caches say.
+    MerchantNotActive,
 }
 
 /// A domain event for the transactional outbox.

@@ -714,6 +714,13 @@ impl Store for SqliteStore {
         let new = new.clone();
         self.write(move |c| {
             let p = &new.payment;
+            let status: Option<String> = c
+                .prepare_cached("SELECT status FROM merchants WHERE id = ?1")
+                .and_then(|mut s| s.query_row([p.merchant_id.to_string()], |r| r.get(0)).optional())
+                .map_err(db_err)?;
+            if status.as_deref() != Some(MerchantStatus::Active.as_str()) {
+                return Ok(CreatePaymentOutcome::MerchantNotActive);
+            }
             let inserted = c
                 .prepare_cached(&format!(
                     "INSERT INTO payments ({PAYMENT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22) \

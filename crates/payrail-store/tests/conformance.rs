@@ -123,7 +123,15 @@ fn new_payment(merchant_id: MerchantId, out_trade_no: &str) -> NewPayment {
     new_payment_at(merchant_id, out_trade_no, T0)
 }
 
+/// Creates a payment, first registering its merchant (active) if the store does not know it:
+/// payments are only created for active merchants.
 async fn create(store: &DynStore, new: &NewPayment) {
+    let m = new.payment.merchant_id;
+    if store.get_merchant(m).await.unwrap().is_none() {
+        let mut record = merchant_at(T0);
+        record.id = m;
+        store.insert_merchant(&record).await.unwrap();
+    }
     assert_eq!(
         store.create_payment(new).await.unwrap(),
         CreatePaymentOutcome::Created
@@ -450,6 +458,40 @@ async fn check_create_payment_and_duplicates(store: DynStore) {
     jobless.job = None;
     create(&store, &jobless).await;
     assert_eq!(store.count_jobs(SYNC).await.unwrap(), 2);
+}
+
+async fn check_no_payment_for_a_frozen_merchant(store: DynStore) {
+    let m = merchant_at(T0);
+    store.insert_merchant(&m).await.unwrap();
+    store
+        .set_merchant_status(m.id, MerchantStatus::Frozen, T0 + 1)
+        .await
+        .unwrap();
+    let new = new_payment(m.id, "frozen-1");
+    assert_eq!(
+        store.create_payment(&new).await.unwrap(),
+        CreatePaymentOutcome::MerchantNotActive
+    );
+    assert!(
+        store
+            .get_payment_any(new.payment.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing written"
+    );
+    assert!(store.get_attempts(new.payment.id).await.unwrap().is_empty());
+    // Unknown merchants get the same answer.
+    let stranger = new_payment(merchant_at(T0 + 2).id, "frozen-2");
+    assert_eq!(
+        store.create_payment(&stranger).await.unwrap(),
+        CreatePaymentOutcome::MerchantNotActive
+    );
+    store
+        .set_merchant_status(m.id, MerchantStatus::Active, T0 + 3)
+        .await
+        .unwrap();
+    create(&store, &new).await;
 }
 
 async fn check_payment_reads_scoped_by_merchant(store: DynStore) {
@@ -1454,6 +1496,7 @@ conformance! {
         check_merchant_status_bumps_version,
         check_apps_by_key_id_unique,
         check_create_payment_and_duplicates,
+        check_no_payment_for_a_frozen_merchant,
         check_payment_reads_scoped_by_merchant,
         check_transition_applies_everything,
         check_stale_transition_writes_nothing,
