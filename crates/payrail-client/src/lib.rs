@@ -139,6 +139,43 @@ impl PayrailClient {
             .await
     }
 
+    /// Every payment of the merchant, newest first, following `has_more` / `starting_after`
+    /// pages of 100, at most `pages_max` pages. `Err` carries a failed page's status and body.
+    pub async fn list_all_payments(
+        &self,
+        creds: &Credentials,
+        pages_max: usize,
+    ) -> Result<Vec<Value>, String> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..pages_max {
+            let path = match &after {
+                Some(a) => format!("/v1/payments?limit=100&starting_after={a}"),
+                None => "/v1/payments?limit=100".to_string(),
+            };
+            let page = self
+                .signed(creds, Method::GET, &path, None, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            if page.status != 200 {
+                return Err(format!(
+                    "listing payments failed: HTTP {} {}",
+                    page.status, page.body
+                ));
+            }
+            let data = page.body["data"].as_array().cloned().unwrap_or_default();
+            after = data
+                .last()
+                .and_then(|p| p["id"].as_str())
+                .map(str::to_string);
+            all.extend(data);
+            if page.body["has_more"] != Value::Bool(true) || after.is_none() {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
     /// Sends a request with a ready-made Authorization header (tests of the signature checks).
     pub async fn signed_raw(
         &self,

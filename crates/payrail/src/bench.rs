@@ -5,8 +5,7 @@
 use crate::config::{Config, LogFormat};
 use anyhow::{bail, Context, Result};
 use payrail_client::{nonce, Credentials, PayrailClient};
-use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -310,36 +309,18 @@ async fn verify(
     creds: &Credentials,
     acked: &HashMap<String, String>,
 ) -> Result<(bool, String)> {
-    let mut stored: HashMap<String, String> = HashMap::with_capacity(acked.len());
-    let mut after: Option<String> = None;
-    for _ in 0..VERIFY_PAGES_MAX {
-        let path = match &after {
-            Some(a) => format!("/v1/payments?limit=100&starting_after={a}"),
-            None => "/v1/payments?limit=100".to_string(),
-        };
-        let page = client.signed(creds, Method::GET, &path, None, None).await?;
-        if page.status != 200 {
-            bail!(
-                "listing payments failed: HTTP {} {}",
-                page.status,
-                page.body
-            );
-        }
-        let data = page.body["data"].as_array().cloned().unwrap_or_default();
-        for p in &data {
-            stored.insert(
+    let stored: HashMap<String, String> = client
+        .list_all_payments(creds, VERIFY_PAGES_MAX)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?
+        .iter()
+        .map(|p| {
+            (
                 p["id"].as_str().unwrap_or_default().into(),
                 p["status"].as_str().unwrap_or_default().into(),
-            );
-        }
-        after = data
-            .last()
-            .and_then(|p| p["id"].as_str())
-            .map(str::to_string);
-        if page.body["has_more"] != Value::Bool(true) || after.is_none() {
-            break;
-        }
-    }
+            )
+        })
+        .collect();
     let missing = acked.keys().filter(|id| !stored.contains_key(*id)).count();
     let wrong = acked
         .iter()

@@ -177,29 +177,18 @@ async fn acknowledged_payments_survive_sigkill_and_sync_resumes() {
     let started = Instant::now();
     let mut statuses: HashMap<String, String> = HashMap::new();
     while started.elapsed() < Duration::from_secs(40) {
-        statuses.clear();
-        let mut after: Option<String> = None;
-        for _ in 0..1000 {
-            let path = match &after {
-                Some(a) => format!("/v1/payments?limit=100&starting_after={a}"),
-                None => "/v1/payments?limit=100".into(),
-            };
-            let page = client
-                .signed(&creds, Method::GET, &path, None, None)
-                .await
-                .unwrap();
-            let data = page.body["data"].as_array().unwrap().clone();
-            for p in &data {
-                statuses.insert(
+        statuses = client
+            .list_all_payments(&creds, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
                     p["id"].as_str().unwrap().into(),
                     p["status"].as_str().unwrap().into(),
-                );
-            }
-            after = data.last().map(|p| p["id"].as_str().unwrap().to_string());
-            if page.body["has_more"] != true {
-                break;
-            }
-        }
+                )
+            })
+            .collect();
         if statuses.values().all(|s| s != "processing") {
             break;
         }
