@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), warn(clippy::arithmetic_side_effects))]
 
 pub mod channel;
+pub mod civil;
 pub mod clock;
 pub mod id;
 pub mod input;
