@@ -207,6 +207,7 @@ impl TimeOfDay {
         )
     }
 
+    #[allow(clippy::arithmetic_side_effects)] // fields are range-checked: < 86,400,000
     pub fn ms_of_day(&self) -> i64 {
         (i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second)) * 1000
     }
@@ -273,6 +274,7 @@ impl DateTime {
 
     /// Parses `yyyy-MM-dd HH:mm:ss`, `yyyyMMddHHmmss`, or RFC 3339 `yyyy-MM-ddTHH:mm:ss±HH:MM`
     /// (also `Z`). Returns the wall-clock time and, for RFC 3339, the offset it carried.
+    #[allow(clippy::arithmetic_side_effects)] // an offset is at most 23:59
     pub fn parse(s: &str) -> Result<(DateTime, Option<i32>), CivilError> {
         let bad = || CivilError(format!("{s:?} is not a supported date-time"));
         if s.len() == 14 && s.bytes().all(|c| c.is_ascii_digit()) {
