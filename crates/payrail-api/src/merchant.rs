@@ -1,7 +1,9 @@
 //! Merchant API v1: payments.
 
 use crate::error::ApiError;
-use crate::request::{admit_read, idempotent, parse_json, parse_page, Reply, Signed};
+use crate::request::{
+    admit_read, idempotent, idempotent_deferred, parse_json, parse_page, Answer, Reply, Signed,
+};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -9,7 +11,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use payrail_domain::input::{ExpiresIn, Metadata, NotifyUrl, OutTradeNo, PaymentMethod, Subject};
 use payrail_domain::{Currency, Money, MoneyError, PaymentId};
-use payrail_engine::payments::{CreatePayment, IdemRef};
+use payrail_engine::payments::{CreateOutcome, CreatePayment, IdemRef};
 use payrail_engine::views::payment_json;
 use serde::Deserialize;
 use serde_json::json;
@@ -81,20 +83,27 @@ fn validate_create(body: &[u8]) -> Result<CreatePayment, ApiError> {
 
 async fn create_payment(State(engine): State<AppState>, s: Signed) -> Result<Response, ApiError> {
     let input = validate_create(&s.body)?;
-    idempotent(&engine, s.mutation(), move |engine, key, hash| async move {
+    // The nonce and key are claimed in the same write as the payment (one commit fewer).
+    idempotent_deferred(&engine, s.mutation(), move |engine, claim| async move {
         let res = engine
             .create_payment(
                 &s.app,
                 input,
                 Some(IdemRef {
-                    key: &key,
-                    request_hash: &hash,
+                    key: &claim.key,
+                    request_hash: &claim.request_hash,
+                    token: &claim.token,
                 }),
+                claim.admission,
             )
             .await?;
+        let res = match res {
+            CreateOutcome::Refused(outcome) => return Ok(Answer::Refused(outcome)),
+            CreateOutcome::Done(res) => res,
+        };
         let mut reply = Reply::ok(payment_json(&res.payment, res.next_action.as_ref()));
         reply.already_stored = res.idempotency_completed;
-        Ok(reply)
+        Ok(Answer::Reply(reply))
     })
     .await
 }
@@ -143,7 +152,7 @@ async fn close_payment(
         )?;
     }
     let id = parse_payment_id(&id)?;
-    idempotent(&engine, s.mutation(), move |engine, _, _| async move {
+    idempotent(&engine, s.mutation(), move |engine, _claim| async move {
         let p = engine.close_payment(&s.app, id).await?;
         Ok(Reply::ok(payment_json(&p, None)))
     })

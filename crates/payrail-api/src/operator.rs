@@ -60,7 +60,7 @@ async fn create_merchant(
 ) -> Result<Response, ApiError> {
     let b: NameBody = parse_json(&op.body)?;
     let name = MerchantName::parse(&b.name)?;
-    idempotent(&engine, op.mutation(), move |engine, _, _| async move {
+    idempotent(&engine, op.mutation(), move |engine, _claim| async move {
         let m = engine.create_merchant(name).await?;
         Ok(Reply {
             status: StatusCode::CREATED,
@@ -108,7 +108,7 @@ async fn set_status(
 ) -> Result<Response, ApiError> {
     no_body(&op.body)?;
     let id = merchant_id(&id)?;
-    idempotent(&engine, op.mutation(), move |engine, _, _| async move {
+    idempotent(&engine, op.mutation(), move |engine, _claim| async move {
         let m = engine.set_merchant_status(id, status).await?;
         Ok(Reply::ok(merchant_json(&m)))
     })
@@ -139,7 +139,7 @@ async fn create_app(
     let b: NameBody = parse_json(&op.body)?;
     let name = MerchantName::parse(&b.name)?;
     let id = merchant_id(&id)?;
-    idempotent(&engine, op.mutation(), move |engine, _, _| async move {
+    idempotent(&engine, op.mutation(), move |engine, _claim| async move {
         let creds = engine.create_app(id, name).await?;
         let body = |secret: Value| {
             json!({
@@ -225,7 +225,7 @@ async fn requery(
 ) -> Result<Response, ApiError> {
     no_body(&op.body)?;
     let id = payment_id(&id)?;
-    idempotent(&engine, op.mutation(), move |engine, _, _| async move {
+    idempotent(&engine, op.mutation(), move |engine, _claim| async move {
         let p = engine.requery_payment(id).await?;
         Ok(Reply::ok(payment_json(&p, None)))
     })

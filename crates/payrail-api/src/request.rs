@@ -8,9 +8,12 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use payrail_domain::input::IdempotencyKey;
-use payrail_domain::signing::{SignedRequest, TIMESTAMP_WINDOW_S};
+use payrail_domain::signing::SignedRequest;
 use payrail_engine::auth::{request_hash, AppAuth, AuthError};
-use payrail_store::{Admission, AdmissionOutcome, IdempotencyClaim, IdempotencyState, NonceClaim};
+use payrail_store::{
+    Admission, AdmissionOutcome, IdempotencyClaim, IdempotencyCompletion, IdempotencyState,
+    NonceClaim,
+};
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
@@ -274,13 +277,95 @@ impl Operator {
     }
 }
 
+/// The claim a running request holds on its idempotency key.
+pub struct Claim {
+    pub key: String,
+    pub request_hash: String,
+    /// Random per claim; completing or releasing the key needs it.
+    pub token: String,
+    /// `Some` when the admission is still to be made, by the handler's own first write
+    /// ([`idempotent_deferred`]); `None` when it was made already.
+    pub admission: Option<Admission>,
+}
+
+/// What a handler run under [`idempotent_deferred`] produced.
+pub enum Answer {
+    Reply(Reply),
+    /// The admission in the handler's first write refused the request; nothing was done and
+    /// nothing may be stored under the key.
+    Refused(AdmissionOutcome),
+}
+
 /// Runs a mutating request exactly once per idempotency key: claims the nonce (merchant
 /// requests) and the key in one write, then replays, refuses or runs `f` and stores its answer.
 /// 5xx answers are not stored, so the request can be retried.
 pub async fn idempotent<F, Fut>(engine: &AppState, m: Mutation, f: F) -> Result<Response, ApiError>
 where
-    F: FnOnce(AppState, String, String) -> Fut + Send + 'static,
+    F: FnOnce(AppState, Claim) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<Reply, ApiError>> + Send + 'static,
+{
+    run_idempotent(engine, m, false, move |engine, claim| async move {
+        f(engine, claim).await.map(Answer::Reply)
+    })
+    .await
+}
+
+/// Like [`idempotent`], but the admission (nonce + key) is not written up front: `f` gets it in
+/// [`Claim::admission`] and must make it in its own first write (the create-payment write does),
+/// which saves a commit per request.
+pub async fn idempotent_deferred<F, Fut>(
+    engine: &AppState,
+    m: Mutation,
+    f: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(AppState, Claim) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Answer, ApiError>> + Send + 'static,
+{
+    run_idempotent(engine, m, true, f).await
+}
+
+/// The response for an admission that does not let the request run.
+fn refusal(state: AdmissionOutcome) -> Result<Response, ApiError> {
+    let state = match state {
+        AdmissionOutcome::NonceReused => return Err(AuthError::NonceReused.into()),
+        AdmissionOutcome::Admitted(state) => state.unwrap_or(IdempotencyState::New),
+    };
+    match state {
+        IdempotencyState::Replay { status, body } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            Ok(json_response(status, body, true))
+        }
+        IdempotencyState::Mismatch => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_error",
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request; use a new key",
+        )
+        .with_param("Idempotency-Key")),
+        IdempotencyState::InProgress => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_error",
+            "idempotency_key_in_use",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        )
+        .with_param("Idempotency-Key")),
+        IdempotencyState::New => {
+            tracing::error!("an admitted request was treated as refused");
+            Err(ApiError::internal())
+        }
+    }
+}
+
+async fn run_idempotent<F, Fut>(
+    engine: &AppState,
+    m: Mutation,
+    deferred: bool,
+    f: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(AppState, Claim) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Answer, ApiError>> + Send + 'static,
 {
     let Mutation {
         scope,
@@ -300,6 +385,7 @@ where
     let key = IdempotencyKey::parse(key)?;
     let hash = request_hash(method.as_str(), &path_and_query, &body);
     let now = engine.now_ms();
+    let token = engine.ids.token("clm");
     let admission = Admission {
         now_ms: now,
         nonce,
@@ -309,42 +395,26 @@ where
             request_hash: hash.clone(),
             now_ms: now,
             stale_after_ms: engine.config.idempotency_stale_ms,
+            token: token.clone(),
         }),
     };
-    let state = match engine
-        .store
-        .admit(&admission)
-        .await
-        .map_err(payrail_engine::EngineError::from)?
-    {
-        AdmissionOutcome::NonceReused => return Err(AuthError::NonceReused.into()),
-        AdmissionOutcome::Admitted(state) => state.unwrap_or(IdempotencyState::New),
+    let admission = if deferred {
+        Some(admission)
+    } else {
+        let outcome = engine
+            .store
+            .admit(&admission)
+            .await
+            .map_err(payrail_engine::EngineError::from)?;
+        if !matches!(
+            outcome,
+            AdmissionOutcome::Admitted(None)
+                | AdmissionOutcome::Admitted(Some(IdempotencyState::New))
+        ) {
+            return refusal(outcome);
+        }
+        None
     };
-    match state {
-        IdempotencyState::Replay { status, body } => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-            return Ok(json_response(status, body, true));
-        }
-        IdempotencyState::Mismatch => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_error",
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request; use a new key",
-            )
-            .with_param("Idempotency-Key"))
-        }
-        IdempotencyState::InProgress => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_error",
-                "idempotency_key_in_use",
-                "a request with this Idempotency-Key is still being processed; retry shortly",
-            )
-            .with_param("Idempotency-Key"))
-        }
-        IdempotencyState::New => {}
-    }
     // The work runs in its own task: if the client disconnects, hyper drops this handler, but
     // a payment half-way through its channel call must still get its answer applied and its
     // idempotent response saved (otherwise the key stays in progress and the retry waits).
@@ -352,54 +422,74 @@ where
     let task_engine = engine.clone();
     let work = async move {
         let engine = task_engine;
-        let (status, text, stored, already_stored) =
-            match f(engine.clone(), key.as_str().to_string(), hash).await {
-                Ok(reply) => {
-                    let text = reply.body.to_string();
-                    let stored = reply
-                        .stored_body
-                        .map(|b| b.to_string())
-                        .unwrap_or_else(|| text.clone());
-                    (reply.status, text, stored, reply.already_stored)
-                }
-                Err(e) => {
-                    let text = e.body().to_string();
-                    (e.status, text.clone(), text, false)
-                }
-            };
+        let claim = Claim {
+            key: key.as_str().to_string(),
+            request_hash: hash,
+            token: token.clone(),
+            admission,
+        };
+        let (status, text, stored, already_stored) = match f(engine.clone(), claim).await {
+            Ok(Answer::Refused(outcome)) => return Err(outcome),
+            Ok(Answer::Reply(reply)) => {
+                let text = reply.body.to_string();
+                let stored = reply
+                    .stored_body
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| text.clone());
+                (reply.status, text, stored, reply.already_stored)
+            }
+            Err(e) => {
+                let text = e.body().to_string();
+                (e.status, text.clone(), text, false)
+            }
+        };
         // Not stored, so a retry runs again: server errors, and 403 (a frozen merchant may be
         // unfrozen; the answer is not a property of the request).
         let transient = status.is_server_error() || status == StatusCode::FORBIDDEN;
         let save = if already_stored {
-            Ok(())
+            Ok(true)
         } else if transient {
-            engine.store.release_idempotency(&scope, key.as_str()).await
+            engine
+                .store
+                .release_idempotency(&scope, key.as_str(), &token)
+                .await
+                .map(|()| true)
         } else {
             engine
                 .store
-                .complete_idempotency(
-                    &scope,
-                    key.as_str(),
-                    status.as_u16(),
-                    &stored,
-                    engine.now_ms(),
-                )
+                .complete_idempotency(&IdempotencyCompletion {
+                    scope: scope.clone(),
+                    key: key.as_str().to_string(),
+                    token,
+                    status: status.as_u16(),
+                    body: stored,
+                })
                 .await
         };
-        if let Err(e) = save {
-            // The work is done and durable; only the replay record is missing. A retry will
-            // find the existing object through its out_trade_no, so answer normally.
-            tracing::error!(error = %e, "cannot store idempotent response");
+        match save {
+            Ok(true) => {}
+            Ok(false) => {
+                // A retry took the stale claim over; its answer is the one replays get.
+                tracing::warn!("idempotency claim was taken over; this response is not stored");
+            }
+            Err(e) => {
+                // The work is done and durable; only the replay record is missing. A retry will
+                // find the existing object through its out_trade_no, so answer normally.
+                tracing::error!(error = %e, "cannot store idempotent response");
+            }
         }
-        (status, text)
+        Ok((status, text))
     };
     let task =
         tokio::spawn(REQUEST_ID.scope(request_id, work.instrument(tracing::Span::current())));
-    let (status, text) = task.await.map_err(|e| {
-        tracing::error!(error = %e, "request task failed");
-        ApiError::internal()
-    })?;
-    Ok(json_response(status, text, false))
+    match task.await {
+        Ok(Ok((status, text))) => Ok(json_response(status, text, false)),
+        Ok(Err(refused)) => refusal(refused),
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            Err(ApiError::internal())
+        }
+    }
 }
 
 /// Claims the nonce of a signed read request.
@@ -420,16 +510,12 @@ pub async fn admit_read(engine: &AppState, s: &Signed) -> Result<(), ApiError> {
     }
 }
 
-/// A nonce is remembered until its request's timestamp leaves the window (plus a minute of
-/// slack for clock differences between processes).
+/// The nonce claim of a signed request: unique per key and signed timestamp (a replay repeats
+/// both), kept until the timestamp has left the window (`NONCE_RETENTION_S`).
 pub fn nonce_claim(s: &Signed) -> NonceClaim {
     NonceClaim {
         key_id: s.signed.key_id.clone(),
         nonce: s.signed.nonce.clone(),
-        expires_at_ms: s
-            .signed
-            .timestamp
-            .saturating_add(TIMESTAMP_WINDOW_S + 60)
-            .saturating_mul(1000),
+        timestamp_s: s.signed.timestamp,
     }
 }

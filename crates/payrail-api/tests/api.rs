@@ -1075,16 +1075,8 @@ both!(
             request_hash: hash.clone(),
             now_ms: now,
             stale_after_ms: 60_000,
+            token: "first-try".into(),
         };
-        h.engine
-            .store
-            .admit(&Admission {
-                now_ms: now,
-                nonce: None,
-                idempotency: Some(claim),
-            })
-            .await
-            .unwrap();
         let input = payrail_engine::payments::CreatePayment {
             amount: payrail_domain::Money::payment_amount(1002, payrail_domain::Currency::CNY)
                 .unwrap(),
@@ -1095,7 +1087,8 @@ both!(
             notify_url: None,
             metadata: payrail_domain::input::Metadata::default(),
         };
-        let first = h
+        // Its admission is made in the create write, as the API does.
+        let first = match h
             .engine
             .create_payment(
                 &app,
@@ -1103,10 +1096,20 @@ both!(
                 Some(payrail_engine::payments::IdemRef {
                     key,
                     request_hash: &hash,
+                    token: "first-try",
+                }),
+                Some(Admission {
+                    now_ms: now,
+                    nonce: None,
+                    idempotency: Some(claim),
                 }),
             )
             .await
-            .unwrap();
+            .unwrap()
+        {
+            payrail_engine::payments::CreateOutcome::Done(r) => r,
+            other => panic!("{other:?}"),
+        };
         // While the claim is fresh, a retry is told to wait.
         let busy = h.post(&c, "/v1/payments", Some(&body), Some(key)).await;
         assert_eq!(

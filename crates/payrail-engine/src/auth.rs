@@ -12,6 +12,11 @@ use std::sync::RwLock;
 /// Name of the setting holding the SHA-256 of the operator token.
 pub const OPERATOR_TOKEN_SETTING: &str = "operator_token_sha256";
 
+/// How long a nonce claim is kept after its signed timestamp: the ±300 s window, plus a minute
+/// of slack for clock differences between processes. Older timestamps are refused before any
+/// nonce is looked at, so an older claim can never matter.
+pub const NONCE_RETENTION_S: i64 = signing::TIMESTAMP_WINDOW_S + 60;
+
 /// An authenticated merchant app.
 #[derive(Debug, Clone)]
 pub struct AppAuth {

@@ -18,8 +18,9 @@ use payrail_domain::{
     AttemptStatus, ChannelOutcome, Currency, EventId, Money, PaymentId, PaymentStatus,
 };
 use payrail_store::{
-    AlertRecord, AttemptRecord, CreatePaymentOutcome, IdempotencyCompletion, JobRecord, JobUpdate,
-    NewEvent, NewJob, NewPayment, PaymentRecord, Transition,
+    Admission, AdmissionOutcome, AlertRecord, AttemptRecord, CreatePaymentOutcome,
+    IdempotencyCompletion, JobRecord, JobUpdate, NewEvent, NewJob, NewPayment, PaymentRecord,
+    Transition,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +45,16 @@ pub struct CreatePayment {
 pub struct IdemRef<'a> {
     pub key: &'a str,
     pub request_hash: &'a str,
+    /// The request's claim on the key; saving its response needs it.
+    pub token: &'a str,
+}
+
+/// What [`Engine::create_payment`] did.
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Done(Box<PaymentResult>),
+    /// The admission made in the create write refused the request: nothing was done.
+    Refused(AdmissionOutcome),
 }
 
 #[derive(Debug, Clone)]
@@ -61,7 +72,8 @@ impl Engine {
         app: &AppAuth,
         req: CreatePayment,
         idem: Option<IdemRef<'_>>,
-    ) -> Result<PaymentResult, EngineError> {
+        admission: Option<Admission>,
+    ) -> Result<CreateOutcome, EngineError> {
         if !app.merchant_active {
             return Err(EngineError::MerchantFrozen);
         }
@@ -125,8 +137,12 @@ impl Engine {
                 subject_id: payment.id.to_string(),
                 run_at_ms: now.saturating_add(first_sync_ms),
             }),
+            admission,
         };
         let created = self.store.create_payment(&new).await?;
+        if let CreatePaymentOutcome::NotAdmitted(outcome) = created {
+            return Ok(CreateOutcome::Refused(outcome));
+        }
         if created == CreatePaymentOutcome::MerchantNotActive {
             // Frozen since the app was cached (possibly by another process).
             self.invalidate_merchant(app.merchant_id);
@@ -140,11 +156,11 @@ impl Engine {
                     && existing.request_hash.as_deref() == Some(i.request_hash)
             });
             if same_request {
-                return Ok(PaymentResult {
+                return Ok(CreateOutcome::Done(Box::new(PaymentResult {
                     payment: *existing,
                     next_action: None,
                     idempotency_completed: false,
-                });
+                })));
             }
             return Err(EngineError::DuplicateOutTradeNo);
         }
@@ -191,11 +207,11 @@ impl Engine {
         let next_action = (!payment.status.is_terminal())
             .then_some(response.next_action)
             .flatten();
-        Ok(PaymentResult {
+        Ok(CreateOutcome::Done(Box::new(PaymentResult {
             payment,
             next_action,
             idempotency_completed,
-        })
+        })))
     }
 
     fn channel_timeout(&self) -> Duration {
@@ -313,6 +329,7 @@ impl Engine {
                 idempotency: idem.filter(|_| terminal).map(|i| IdempotencyCompletion {
                     scope: payment.merchant_id.to_string(),
                     key: i.key.to_string(),
+                    token: i.token.to_string(),
                     status: 200,
                     body: crate::views::payment_json(&updated, None).to_string(),
                 }),

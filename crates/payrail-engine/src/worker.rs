@@ -53,15 +53,43 @@ pub async fn run_sync_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<
     tracing::info!("status-sync worker stopped");
 }
 
-/// Prunes expired nonces and old idempotency keys.
+/// Rows of each kind one prune call deletes: each call is one write on the shared writer, so
+/// it must stay short.
+const PRUNE_BATCH_ROWS: u32 = 2_000;
+/// Prune calls per janitor round; what is left waits for the next round.
+const PRUNE_CALLS_PER_ROUND_MAX: u32 = 500;
+
+/// Prunes nonce claims whose timestamps left the window and old idempotency keys.
 pub async fn run_janitor(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
     while !*shutdown.borrow() {
-        let now = engine.now_ms();
-        let keys_before = now.saturating_sub(engine.config.idempotency_retention_ms);
-        match engine.store.prune(now, keys_before).await {
-            Ok(n) if n > 0 => tracing::info!(rows = n, "janitor: pruned"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "janitor: prune failed"),
+        let mut pruned = 0u64;
+        for _ in 0..PRUNE_CALLS_PER_ROUND_MAX {
+            let now = engine.now_ms();
+            let p = payrail_store::Prune {
+                nonces_signed_before_s: now
+                    .div_euclid(1000)
+                    .saturating_sub(crate::auth::NONCE_RETENTION_S),
+                keys_created_before_ms: now.saturating_sub(engine.config.idempotency_retention_ms),
+                limit: PRUNE_BATCH_ROWS,
+            };
+            match engine.store.prune(&p).await {
+                Ok(n) => {
+                    pruned = pruned.saturating_add(n);
+                    if n < u64::from(PRUNE_BATCH_ROWS) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "janitor: prune failed");
+                    break;
+                }
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(rows = pruned, "janitor: pruned");
         }
         wait(&mut shutdown, JANITOR_PERIOD_MS).await;
     }

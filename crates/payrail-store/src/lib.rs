@@ -68,20 +68,16 @@ pub trait Store: Send + Sync + 'static {
     // --- request admission: replay nonces and idempotency keys ----------------------------
     /// Claims the nonce (if any) and the idempotency key (if any) in one transaction.
     async fn admit(&self, req: &Admission) -> Result<AdmissionOutcome>;
-    /// Saves the final response of an idempotent request.
-    async fn complete_idempotency(
-        &self,
-        scope: &str,
-        key: &str,
-        status: u16,
-        body: &str,
-        now_ms: i64,
-    ) -> Result<()>;
-    /// Forgets an in-progress key (the request failed internally and may be retried).
-    async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()>;
+    /// Saves the final response of an idempotent request, if its claim (`done.token`) is still
+    /// the current one. `Ok(false)`: the claim was taken over by a retry; nothing was written.
+    async fn complete_idempotency(&self, done: &IdempotencyCompletion) -> Result<bool>;
+    /// Forgets an in-progress key (the request failed internally and may be retried), if the
+    /// claim `token` is still the current one.
+    async fn release_idempotency(&self, scope: &str, key: &str, token: &str) -> Result<()>;
 
     // --- payments -------------------------------------------------------------------------
-    /// Inserts a payment, its first attempt and its status-sync job atomically.
+    /// Inserts a payment, its first attempt and its status-sync job atomically, after claiming
+    /// `new.admission` in the same transaction.
     async fn create_payment(&self, new: &NewPayment) -> Result<CreatePaymentOutcome>;
     async fn get_payment(
         &self,
@@ -135,9 +131,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>>;
 
     // --- housekeeping ---------------------------------------------------------------------
-    /// Deletes expired nonces and idempotency keys older than `keys_before_ms`, completed or
-    /// abandoned in progress (a request that died and was never retried).
-    async fn prune(&self, now_ms: i64, keys_before_ms: i64) -> Result<u64>;
+    /// Deletes old nonce claims and idempotency keys (completed or abandoned in progress: a
+    /// request that died and was never retried), at most `p.limit` of each; returns how many.
+    async fn prune(&self, p: &Prune) -> Result<u64>;
 }
 
 pub type DynStore = Arc<dyn Store>;

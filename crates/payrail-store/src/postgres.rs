@@ -319,14 +319,83 @@ async fn sequence_outbox(client: &mut deadpool_postgres::Object) -> Result<()> {
     tx.commit().await.map_err(pg_err)
 }
 
-async fn complete_key<C: GenericClient>(c: &C, done: &IdempotencyCompletion) -> Result<()> {
-    execute(
+/// `false` if the claim `done.token` is no longer the key's current one (taken over).
+async fn complete_key<C: GenericClient>(c: &C, done: &IdempotencyCompletion) -> Result<bool> {
+    let n = execute(
         c,
-        "UPDATE idempotency_keys SET state = 'completed', response_status = $1, response_body = $2 WHERE scope = $3 AND idem_key = $4",
-        &[&i64::from(done.status), &done.body, &done.scope, &done.key],
+        "UPDATE idempotency_keys SET state = 'completed', response_status = $1, response_body = $2 \
+         WHERE scope = $3 AND idem_key = $4 AND state = 'in_progress' AND lock_token = $5",
+        &[&i64::from(done.status), &done.body, &done.scope, &done.key, &done.token],
     )
     .await?;
-    Ok(())
+    Ok(n == 1)
+}
+
+/// Claims the nonce and the idempotency key of a request inside the caller's transaction.
+/// On `NonceReused` nothing was written.
+async fn admit_in<C: GenericClient>(tx: &C, req: &Admission) -> Result<AdmissionOutcome> {
+    if let Some(n) = &req.nonce {
+        // Claims a new nonce, or re-claims one whose previous use has expired.
+        let claimed = execute(
+            tx,
+            "INSERT INTO request_nonce_claims (timestamp_s, key_id, nonce) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+            &[&n.timestamp_s, &n.key_id, &n.nonce],
+        )
+        .await?;
+        if claimed == 0 {
+            return Ok(AdmissionOutcome::NonceReused);
+        }
+    }
+    let Some(k) = &req.idempotency else {
+        return Ok(AdmissionOutcome::Admitted(None));
+    };
+    // A concurrent release can delete the row between our insert and our read; then the
+    // key is free again and the next round claims it.
+    for _ in 0..3 {
+        let inserted = execute(
+            tx,
+            "INSERT INTO idempotency_keys (scope, idem_key, request_hash, state, locked_at_ms, created_at_ms, lock_token) \
+             VALUES ($1, $2, $3, 'in_progress', $4, $4, $5) ON CONFLICT (scope, idem_key) DO NOTHING",
+            &[&k.scope, &k.key, &k.request_hash, &k.now_ms, &k.token],
+        )
+        .await?;
+        if inserted == 1 {
+            return Ok(AdmissionOutcome::Admitted(Some(IdempotencyState::New)));
+        }
+        // FOR UPDATE: of several requests finding the same stale claim, one takes it over;
+        // the others wait and then see the fresh lock time.
+        let row = query_opt(
+            tx,
+            &format!("SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 FOR UPDATE"),
+            &[&k.scope, &k.key],
+        )
+        .await?;
+        let Some(row) = row else { continue };
+        let state = idempotency_state(
+            k,
+            get(&row, 0)?,
+            get(&row, 1)?,
+            get(&row, 2)?,
+            get(&row, 3)?,
+            get(&row, 4)?,
+        );
+        if state == IdempotencyState::New {
+            // Takeover of a stale claim: the new token makes the old request's completion a
+            // no-op.
+            execute(
+                tx,
+                "UPDATE idempotency_keys SET locked_at_ms = $1, lock_token = $2 WHERE scope = $3 AND idem_key = $4",
+                &[&k.now_ms, &k.token, &k.scope, &k.key],
+            )
+            .await?;
+        }
+        return Ok(AdmissionOutcome::Admitted(Some(state)));
+    }
+    Err(StoreError::Database(format!(
+        "idempotency key {} keeps changing; try again",
+        k.key
+    )))
 }
 
 async fn apply_job_update<C: GenericClient>(c: &C, u: &JobUpdate) -> Result<()> {
@@ -510,102 +579,26 @@ impl Store for PgStore {
     async fn admit(&self, req: &Admission) -> Result<AdmissionOutcome> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
-        if let Some(n) = &req.nonce {
-            // Claims a new nonce, or re-claims one whose previous use has expired.
-            let claimed = execute(
-                &tx,
-                "INSERT INTO request_nonces (key_id, nonce, expires_at_ms) VALUES ($1, $2, $3) \
-                 ON CONFLICT (key_id, nonce) DO UPDATE SET expires_at_ms = EXCLUDED.expires_at_ms \
-                 WHERE request_nonces.expires_at_ms < $4",
-                &[&n.key_id, &n.nonce, &n.expires_at_ms, &req.now_ms],
-            )
-            .await?;
-            if claimed == 0 {
-                tx.rollback().await.map_err(pg_err)?;
-                return Ok(AdmissionOutcome::NonceReused);
-            }
-        }
-        let Some(k) = &req.idempotency else {
+        let outcome = admit_in(&tx, req).await?;
+        if outcome == AdmissionOutcome::NonceReused {
+            tx.rollback().await.map_err(pg_err)?;
+        } else {
             tx.commit().await.map_err(pg_err)?;
-            return Ok(AdmissionOutcome::Admitted(None));
-        };
-        // A concurrent release can delete the row between our insert and our read; then the
-        // key is free again and the next round claims it.
-        let mut outcome = None;
-        for _ in 0..3 {
-            let inserted = execute(
-                &tx,
-                "INSERT INTO idempotency_keys (scope, idem_key, request_hash, state, locked_at_ms, created_at_ms) \
-                 VALUES ($1, $2, $3, 'in_progress', $4, $4) ON CONFLICT (scope, idem_key) DO NOTHING",
-                &[&k.scope, &k.key, &k.request_hash, &k.now_ms],
-            )
-            .await?;
-            if inserted == 1 {
-                outcome = Some(IdempotencyState::New);
-                break;
-            }
-            // FOR UPDATE: of several requests finding the same stale claim, one takes it over;
-            // the others wait and then see the fresh lock time.
-            let row = query_opt(
-                &tx,
-                &format!("SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 FOR UPDATE"),
-                &[&k.scope, &k.key],
-            )
-            .await?;
-            let Some(row) = row else { continue };
-            let state = idempotency_state(
-                k,
-                get(&row, 0)?,
-                get(&row, 1)?,
-                get(&row, 2)?,
-                get(&row, 3)?,
-                get(&row, 4)?,
-            );
-            if state == IdempotencyState::New {
-                execute(
-                    &tx,
-                    "UPDATE idempotency_keys SET locked_at_ms = $1 WHERE scope = $2 AND idem_key = $3",
-                    &[&k.now_ms, &k.scope, &k.key],
-                )
-                .await?;
-            }
-            outcome = Some(state);
-            break;
         }
-        let Some(outcome) = outcome else {
-            return Err(StoreError::Database(format!(
-                "idempotency key {} keeps changing; try again",
-                k.key
-            )));
-        };
-        tx.commit().await.map_err(pg_err)?;
-        Ok(AdmissionOutcome::Admitted(Some(outcome)))
+        Ok(outcome)
     }
 
-    async fn complete_idempotency(
-        &self,
-        scope: &str,
-        key: &str,
-        status: u16,
-        body: &str,
-        _now_ms: i64,
-    ) -> Result<()> {
+    async fn complete_idempotency(&self, done: &IdempotencyCompletion) -> Result<bool> {
         let c = self.client().await?;
-        let done = IdempotencyCompletion {
-            scope: scope.into(),
-            key: key.into(),
-            status,
-            body: body.into(),
-        };
-        complete_key(&c, &done).await
+        complete_key(&c, done).await
     }
 
-    async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()> {
+    async fn release_idempotency(&self, scope: &str, key: &str, token: &str) -> Result<()> {
         let c = self.client().await?;
         execute(
             &c,
-            "DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND state = 'in_progress'",
-            &[&scope, &key],
+            "DELETE FROM idempotency_keys WHERE scope = $1 AND idem_key = $2 AND state = 'in_progress' AND lock_token = $3",
+            &[&scope, &key, &token],
         )
         .await?;
         Ok(())
@@ -614,6 +607,23 @@ impl Store for PgStore {
     async fn create_payment(&self, new: &NewPayment) -> Result<CreatePaymentOutcome> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
+        if let Some(admission) = &new.admission {
+            let outcome = admit_in(&tx, admission).await?;
+            let admitted = matches!(
+                outcome,
+                AdmissionOutcome::Admitted(None)
+                    | AdmissionOutcome::Admitted(Some(IdempotencyState::New))
+            );
+            if !admitted {
+                // Keep what the admission wrote (a takeover's lock time, say) unless nothing.
+                if outcome == AdmissionOutcome::NonceReused {
+                    tx.rollback().await.map_err(pg_err)?;
+                } else {
+                    tx.commit().await.map_err(pg_err)?;
+                }
+                return Ok(CreatePaymentOutcome::NotAdmitted(outcome));
+            }
+        }
         let p = &new.payment;
         let (merchant_id, out_trade_no) = (p.merchant_id.to_string(), &p.out_trade_no);
         // FOR SHARE: a concurrent freeze waits for this commit, so a payment is either created
@@ -627,7 +637,8 @@ impl Store for PgStore {
             .map_err(pg_err)?
             .map(|r| r.get::<_, String>(0));
         if status.as_deref() != Some(MerchantStatus::Active.as_str()) {
-            tx.rollback().await.map_err(pg_err)?;
+            // Commit, not roll back: the admission in this transaction stands.
+            tx.commit().await.map_err(pg_err)?;
             return Ok(CreatePaymentOutcome::MerchantNotActive);
         }
         let inserted = execute(
@@ -652,7 +663,7 @@ impl Store for PgStore {
             )
             .await?;
             let existing = payment_row(&row)?;
-            tx.rollback().await.map_err(pg_err)?;
+            tx.commit().await.map_err(pg_err)?;
             return Ok(CreatePaymentOutcome::DuplicateOutTradeNo(Box::new(
                 existing,
             )));
@@ -818,7 +829,11 @@ impl Store for PgStore {
             apply_job_update(&tx, j).await?;
         }
         if let Some(done) = &t.idempotency {
-            complete_key(&tx, done).await?;
+            if !complete_key(&tx, done).await? {
+                // The payment's change stands; only the replay record belongs to the request
+                // that took the key over.
+                tracing::warn!(key = %done.key, "idempotency claim was taken over; response not saved");
+            }
         }
         if let Some(e) = &t.event {
             insert_event(&tx, e).await?;
@@ -913,19 +928,22 @@ impl Store for PgStore {
         map_rows(rows, alert_row)
     }
 
-    async fn prune(&self, now_ms: i64, keys_before_ms: i64) -> Result<u64> {
+    async fn prune(&self, p: &Prune) -> Result<u64> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg_err)?;
+        let limit = i64::from(p.limit);
         let a = execute(
             &tx,
-            "DELETE FROM request_nonces WHERE expires_at_ms < $1",
-            &[&now_ms],
+            "DELETE FROM request_nonce_claims WHERE (timestamp_s, key_id, nonce) IN \
+             (SELECT timestamp_s, key_id, nonce FROM request_nonce_claims WHERE timestamp_s < $1 LIMIT $2)",
+            &[&p.nonces_signed_before_s, &limit],
         )
         .await?;
         let b = execute(
             &tx,
-            "DELETE FROM idempotency_keys WHERE created_at_ms < $1",
-            &[&keys_before_ms],
+            "DELETE FROM idempotency_keys WHERE (scope, idem_key) IN \
+             (SELECT scope, idem_key FROM idempotency_keys WHERE created_at_ms < $1 LIMIT $2)",
+            &[&p.keys_created_before_ms, &limit],
         )
         .await?;
         tx.commit().await.map_err(pg_err)?;

@@ -48,10 +48,25 @@ pub struct AppRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// A signed request's nonce. A replay repeats the signed timestamp along with the nonce, so a
+/// nonce must be unique per key and timestamp (as in OAuth 1.0a), which lets the store keep the
+/// claims in timestamp order: inserts append instead of landing on a random index page.
 pub struct NonceClaim {
     pub key_id: String,
     pub nonce: String,
-    pub expires_at_ms: i64,
+    /// The request's signed timestamp, Unix seconds.
+    pub timestamp_s: i64,
+}
+
+/// What the janitor deletes, at most `limit` rows of each kind per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prune {
+    /// Nonce claims of requests signed before this (Unix seconds): such timestamps are outside
+    /// the window now, so their requests are refused before admission anyway.
+    pub nonces_signed_before_s: i64,
+    /// Idempotency keys created before this, completed or abandoned in progress.
+    pub keys_created_before_ms: i64,
+    pub limit: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +79,10 @@ pub struct IdempotencyClaim {
     pub now_ms: i64,
     /// An in-progress claim older than this is taken over (its request died mid-way).
     pub stale_after_ms: i64,
+    /// Random, per claim: only the request holding the current claim may complete or release
+    /// the key, so a request whose stale claim was taken over cannot overwrite the answer of
+    /// the request that took it over.
+    pub token: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -147,6 +166,10 @@ pub struct NewPayment {
     pub payment: PaymentRecord,
     pub attempt: AttemptRecord,
     pub job: Option<NewJob>,
+    /// The request's admission (nonce + idempotency key), claimed in the same write as the
+    /// payment: one commit fewer on the create path. The payment is inserted only if the
+    /// admission is `New` (or has no key).
+    pub admission: Option<Admission>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +180,9 @@ pub enum CreatePaymentOutcome {
     /// The merchant is frozen (or gone) as of this write; nothing was written. Checked in the
     /// write itself so a freeze counts at once in every process, whatever caches say.
     MerchantNotActive,
+    /// The admission in the same write refused the request (nonce reused; key replayed,
+    /// mismatched or in progress); no payment was written.
+    NotAdmitted(AdmissionOutcome),
 }
 
 /// A domain event for the transactional outbox.
@@ -234,6 +260,8 @@ pub struct Transition {
 pub struct IdempotencyCompletion {
     pub scope: String,
     pub key: String,
+    /// The token of the claim being completed (see [`IdempotencyClaim::token`]).
+    pub token: String,
     pub status: u16,
     pub body: String,
 }

@@ -7,10 +7,11 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "payments foundation",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "payments foundation",
+        sql: r#"
 CREATE TABLE settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -127,7 +128,28 @@ CREATE TABLE alerts (
     created_at_ms BIGINT NOT NULL
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "idempotency claim tokens",
+        sql: r#"
+-- Only the request holding the current claim of a key may complete or release it.
+ALTER TABLE idempotency_keys ADD COLUMN lock_token TEXT;
+-- Nonces are unique per key and signed timestamp, and kept in timestamp order: the random
+-- (key_id, nonce) primary key put every insert on a random index page (one 4 KiB page written
+-- per request). Old claims carry their timestamp in their expiry (timestamp + 360 s).
+CREATE TABLE request_nonce_claims (
+    timestamp_s BIGINT NOT NULL,
+    key_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    PRIMARY KEY (timestamp_s, key_id, nonce)
+) {without_rowid};
+INSERT INTO request_nonce_claims (timestamp_s, key_id, nonce)
+    SELECT expires_at_ms / 1000 - 360, key_id, nonce FROM request_nonces;
+DROP TABLE request_nonces;
+"#,
+    },
+];
 
 pub const SQLITE_SERIAL: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
 pub const PG_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
@@ -139,9 +161,11 @@ pub fn render(sql: &str, postgres: bool) -> String {
         sql.replace("{outbox_seq}", "BIGINT UNIQUE")
             .replace("{outbox_position}", "CREATE SEQUENCE outbox_position;")
             .replace("{serial}", PG_SERIAL)
+            .replace("{without_rowid}", "")
     } else {
         sql.replace("{outbox_seq}", SQLITE_SERIAL)
             .replace("{outbox_position}", "")
             .replace("{serial}", SQLITE_SERIAL)
+            .replace("{without_rowid}", "WITHOUT ROWID")
     }
 }

@@ -451,13 +451,75 @@ fn insert_event(c: &Connection, e: &NewEvent) -> Result<()> {
     Ok(())
 }
 
-fn complete_key(c: &Connection, done: &IdempotencyCompletion) -> Result<()> {
-    c.prepare_cached(
-        "UPDATE idempotency_keys SET state = 'completed', response_status = ?1, response_body = ?2 WHERE scope = ?3 AND idem_key = ?4",
+/// `false` if the claim `done.token` is no longer the key's current one (taken over).
+fn complete_key(c: &Connection, done: &IdempotencyCompletion) -> Result<bool> {
+    let n = c
+        .prepare_cached(
+            "UPDATE idempotency_keys SET state = 'completed', response_status = ?1, response_body = ?2 \
+             WHERE scope = ?3 AND idem_key = ?4 AND state = 'in_progress' AND lock_token = ?5",
+        )
+        .and_then(|mut s| {
+            s.execute(params![done.status, done.body, done.scope, done.key, done.token])
+        })
+        .map_err(db_err)?;
+    Ok(n == 1)
+}
+
+/// Claims the nonce and the idempotency key of a request (inside the caller's transaction).
+fn admit_in(c: &Connection, req: &Admission) -> Result<AdmissionOutcome> {
+    if let Some(n) = &req.nonce {
+        let claimed = c
+            .prepare_cached(
+                "INSERT INTO request_nonce_claims (timestamp_s, key_id, nonce) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![n.timestamp_s, n.key_id, n.nonce]))
+            .map_err(db_err)?;
+        if claimed == 0 {
+            return Ok(AdmissionOutcome::NonceReused);
+        }
+    }
+    let Some(k) = &req.idempotency else {
+        return Ok(AdmissionOutcome::Admitted(None));
+    };
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO idempotency_keys (scope, idem_key, request_hash, state, locked_at_ms, created_at_ms, lock_token) \
+             VALUES (?1, ?2, ?3, 'in_progress', ?4, ?4, ?5) ON CONFLICT (scope, idem_key) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![k.scope, k.key, k.request_hash, k.now_ms, k.token]))
+        .map_err(db_err)?;
+    if inserted == 1 {
+        return Ok(AdmissionOutcome::Admitted(Some(IdempotencyState::New)));
+    }
+    let (hash, state, status, body, locked_at): (String, String, Option<i64>, Option<String>, i64) =
+        c.prepare_cached(&format!(
+            "SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2"
+        ))
+        .and_then(|mut s| {
+            s.query_row(params![k.scope, k.key], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+        })
+        .map_err(db_err)?;
+    let outcome = idempotency_state(k, &hash, &state, status, body, locked_at);
+    if outcome == IdempotencyState::New {
+        // Takeover of a stale claim: the new token makes the old request's completion a no-op.
+        c.prepare_cached(
+            "UPDATE idempotency_keys SET locked_at_ms = ?1, lock_token = ?2 WHERE scope = ?3 AND idem_key = ?4",
+        )
+        .and_then(|mut s| s.execute(params![k.now_ms, k.token, k.scope, k.key]))
+        .map_err(db_err)?;
+    }
+    Ok(AdmissionOutcome::Admitted(Some(outcome)))
+}
+
+/// True if an admission lets the request run.
+fn admitted(o: &AdmissionOutcome) -> bool {
+    matches!(
+        o,
+        AdmissionOutcome::Admitted(None) | AdmissionOutcome::Admitted(Some(IdempotencyState::New))
     )
-    .and_then(|mut s| s.execute(params![done.status, done.body, done.scope, done.key]))
-    .map_err(db_err)?;
-    Ok(())
 }
 
 fn apply_job_update(c: &Connection, u: &JobUpdate) -> Result<()> {
@@ -631,78 +693,20 @@ impl Store for SqliteStore {
 
     async fn admit(&self, req: &Admission) -> Result<AdmissionOutcome> {
         let req = req.clone();
-        self.write(move |c| {
-            if let Some(n) = &req.nonce {
-                let claimed = c
-                    .prepare_cached(
-                        "INSERT INTO request_nonces (key_id, nonce, expires_at_ms) VALUES (?1, ?2, ?3) \
-                         ON CONFLICT (key_id, nonce) DO UPDATE SET expires_at_ms = excluded.expires_at_ms \
-                         WHERE request_nonces.expires_at_ms < ?4",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![n.key_id, n.nonce, n.expires_at_ms, req.now_ms])
-                    })
-                    .map_err(db_err)?;
-                if claimed == 0 {
-                    return Ok(AdmissionOutcome::NonceReused);
-                }
-            }
-            let Some(k) = &req.idempotency else {
-                return Ok(AdmissionOutcome::Admitted(None));
-            };
-            let inserted = c
-                .prepare_cached(
-                    "INSERT INTO idempotency_keys (scope, idem_key, request_hash, state, locked_at_ms, created_at_ms) \
-                     VALUES (?1, ?2, ?3, 'in_progress', ?4, ?4) ON CONFLICT (scope, idem_key) DO NOTHING",
-                )
-                .and_then(|mut s| s.execute(params![k.scope, k.key, k.request_hash, k.now_ms]))
-                .map_err(db_err)?;
-            if inserted == 1 {
-                return Ok(AdmissionOutcome::Admitted(Some(IdempotencyState::New)));
-            }
-            let (hash, state, status, body, locked_at): (String, String, Option<i64>, Option<String>, i64) = c
-                .query_row(
-                    &format!("SELECT {IDEMPOTENCY_COLS} FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2"),
-                    params![k.scope, k.key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                )
-                .map_err(db_err)?;
-            let outcome = idempotency_state(k, &hash, &state, status, body, locked_at);
-            if outcome == IdempotencyState::New {
-                c.execute(
-                    "UPDATE idempotency_keys SET locked_at_ms = ?1 WHERE scope = ?2 AND idem_key = ?3",
-                    params![k.now_ms, k.scope, k.key],
-                )
-                .map_err(db_err)?;
-            }
-            Ok(AdmissionOutcome::Admitted(Some(outcome)))
-        })
-        .await
+        self.write(move |c| admit_in(c, &req)).await
     }
 
-    async fn complete_idempotency(
-        &self,
-        scope: &str,
-        key: &str,
-        status: u16,
-        body: &str,
-        _now_ms: i64,
-    ) -> Result<()> {
-        let done = IdempotencyCompletion {
-            scope: scope.into(),
-            key: key.into(),
-            status,
-            body: body.into(),
-        };
+    async fn complete_idempotency(&self, done: &IdempotencyCompletion) -> Result<bool> {
+        let done = done.clone();
         self.write(move |c| complete_key(c, &done)).await
     }
 
-    async fn release_idempotency(&self, scope: &str, key: &str) -> Result<()> {
-        let (scope, key) = (scope.to_string(), key.to_string());
+    async fn release_idempotency(&self, scope: &str, key: &str, token: &str) -> Result<()> {
+        let (scope, key, token) = (scope.to_string(), key.to_string(), token.to_string());
         self.write(move |c| {
             c.execute(
-                "DELETE FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2 AND state = 'in_progress'",
-                params![scope, key],
+                "DELETE FROM idempotency_keys WHERE scope = ?1 AND idem_key = ?2 AND state = 'in_progress' AND lock_token = ?3",
+                params![scope, key, token],
             )
             .map_err(db_err)?;
             Ok(())
@@ -713,6 +717,12 @@ impl Store for SqliteStore {
     async fn create_payment(&self, new: &NewPayment) -> Result<CreatePaymentOutcome> {
         let new = new.clone();
         self.write(move |c| {
+            if let Some(admission) = &new.admission {
+                let outcome = admit_in(c, admission)?;
+                if !admitted(&outcome) {
+                    return Ok(CreatePaymentOutcome::NotAdmitted(outcome));
+                }
+            }
             let p = &new.payment;
             let status: Option<String> = c
                 .prepare_cached("SELECT status FROM merchants WHERE id = ?1")
@@ -895,7 +905,11 @@ impl Store for SqliteStore {
                 apply_job_update(c, j)?;
             }
             if let Some(done) = &t.idempotency {
-                complete_key(c, done)?;
+                if !complete_key(c, done)? {
+                    // The payment's change stands; only the replay record belongs to the
+                    // request that took the key over.
+                    tracing::warn!(key = %done.key, "idempotency claim was taken over; response not saved");
+                }
             }
             Ok((true, true))
         })
@@ -1007,19 +1021,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn prune(&self, now_ms: i64, keys_before_ms: i64) -> Result<u64> {
+    async fn prune(&self, p: &Prune) -> Result<u64> {
+        let p = *p;
         self.write(move |c| {
+            // Bounded deletes: the writer thread serves every request meanwhile.
             let a = c
-                .execute(
-                    "DELETE FROM request_nonces WHERE expires_at_ms < ?1",
-                    [now_ms],
+                .prepare_cached(
+                    "DELETE FROM request_nonce_claims WHERE (timestamp_s, key_id, nonce) IN \
+                     (SELECT timestamp_s, key_id, nonce FROM request_nonce_claims WHERE timestamp_s < ?1 LIMIT ?2)",
                 )
+                .and_then(|mut s| s.execute(params![p.nonces_signed_before_s, p.limit]))
                 .map_err(db_err)?;
             let b = c
-                .execute(
-                    "DELETE FROM idempotency_keys WHERE created_at_ms < ?1",
-                    [keys_before_ms],
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE rowid IN \
+                     (SELECT rowid FROM idempotency_keys WHERE created_at_ms < ?1 LIMIT ?2)",
                 )
+                .and_then(|mut s| s.execute(params![p.keys_created_before_ms, p.limit]))
                 .map_err(db_err)?;
             Ok((a + b) as u64)
         })

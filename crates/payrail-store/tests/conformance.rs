@@ -116,6 +116,7 @@ fn new_payment_at(merchant_id: MerchantId, out_trade_no: &str, t: i64) -> NewPay
             subject_id: id.to_string(),
             run_at_ms: t + 5_000,
         }),
+        admission: None,
     }
 }
 
@@ -184,11 +185,11 @@ async fn attempts(store: &DynStore, id: PaymentId) -> Vec<AttemptRecord> {
     store.get_attempts(id).await.unwrap()
 }
 
-fn nonce(key_id: &str, nonce: &str, expires_at_ms: i64) -> Option<NonceClaim> {
+fn nonce(key_id: &str, nonce: &str, timestamp_s: i64) -> Option<NonceClaim> {
     Some(NonceClaim {
         key_id: key_id.into(),
         nonce: nonce.into(),
-        expires_at_ms,
+        timestamp_s,
     })
 }
 
@@ -199,7 +200,29 @@ fn idem(scope: &str, key: &str, hash: &str, now_ms: i64) -> Option<IdempotencyCl
         request_hash: hash.into(),
         now_ms,
         stale_after_ms: 60_000,
+        token: token(key, now_ms),
     })
+}
+
+/// The claim token `idem` gives a claim of `key` made at `now_ms`.
+fn token(key: &str, now_ms: i64) -> String {
+    format!("tok-{key}-{now_ms}")
+}
+
+fn completion(
+    scope: &str,
+    key: &str,
+    claimed_at_ms: i64,
+    status: u16,
+    body: &str,
+) -> IdempotencyCompletion {
+    IdempotencyCompletion {
+        scope: scope.into(),
+        key: key.into(),
+        token: token(key, claimed_at_ms),
+        status,
+        body: body.into(),
+    }
 }
 
 async fn admit_key(
@@ -220,10 +243,11 @@ async fn admit_key(
     }
 }
 
+/// Claims nonce `n` of a request signed at `T0` (seconds), at `now_ms`.
 async fn admit_nonce(store: &DynStore, key_id: &str, n: &str, now_ms: i64) -> AdmissionOutcome {
     let req = Admission {
         now_ms,
-        nonce: nonce(key_id, n, now_ms + 300_000),
+        nonce: nonce(key_id, n, T0 / 1000),
         idempotency: None,
     };
     store.admit(&req).await.unwrap()
@@ -730,12 +754,7 @@ async fn check_transition_saves_idempotent_response_atomically(store: DynStore) 
         admit_key(&store, &scope, "k-1", "h", T0).await,
         IdempotencyState::New
     );
-    let done = IdempotencyCompletion {
-        scope: scope.clone(),
-        key: "k-1".into(),
-        status: 200,
-        body: "{\"id\":1}".into(),
-    };
+    let done = completion(&scope, "k-1", T0, 200, "{\"id\":1}");
     // A stale transition saves nothing, the response included.
     let mut stale = succeed(&p, &a, T0 + 1);
     stale.payment_version = p.version + 1;
@@ -912,18 +931,23 @@ async fn check_nonces(store: DynStore) {
         admit_nonce(&store, "key_a", "n2", T0 + 10).await,
         AdmissionOutcome::Admitted(None)
     );
-    // Still inside its window (expires at T0 + 300_000).
+    // A replay repeats the signed timestamp: refused however late it comes.
     assert_eq!(
         admit_nonce(&store, "key_a", "n1", T0 + 300_000).await,
         AdmissionOutcome::NonceReused
     );
-    // Expired: may be claimed again, and then is in force until its new expiry.
+    // The same nonce under another signed timestamp is another request.
+    let resigned = Admission {
+        now_ms: T0 + 1_000,
+        nonce: nonce("key_a", "n1", T0 / 1000 + 1),
+        idempotency: None,
+    };
     assert_eq!(
-        admit_nonce(&store, "key_a", "n1", T0 + 300_001).await,
+        store.admit(&resigned).await.unwrap(),
         AdmissionOutcome::Admitted(None)
     );
     assert_eq!(
-        admit_nonce(&store, "key_a", "n1", T0 + 300_002).await,
+        store.admit(&resigned).await.unwrap(),
         AdmissionOutcome::NonceReused
     );
     assert_eq!(
@@ -940,7 +964,7 @@ async fn check_nonces(store: DynStore) {
     // A reused nonce rejects the request before its idempotency key is claimed.
     let replayed = Admission {
         now_ms: T0 + 20,
-        nonce: nonce("key_a", "n2", T0 + 1000),
+        nonce: nonce("key_a", "n2", T0 / 1000),
         idempotency: idem("m", "k", "h", T0 + 20),
     };
     assert_eq!(
@@ -949,7 +973,7 @@ async fn check_nonces(store: DynStore) {
     );
     let fresh = Admission {
         now_ms: T0 + 30,
-        nonce: nonce("key_a", "n3", T0 + 1000),
+        nonce: nonce("key_a", "n3", T0 / 1000),
         idempotency: idem("m", "k", "h", T0 + 30),
     };
     assert_eq!(
@@ -972,10 +996,10 @@ async fn check_idempotency_lifecycle(store: DynStore) {
     // Another scope has its own key space.
     assert_eq!(admit_key(&store, "mch_2", "k1", "h9", T0 + 1).await, New);
 
-    store
-        .complete_idempotency("mch_1", "k1", 201, r#"{"id":"pay_1"}"#, T0 + 2)
+    assert!(store
+        .complete_idempotency(&completion("mch_1", "k1", T0, 201, r#"{"id":"pay_1"}"#))
         .await
-        .unwrap();
+        .unwrap());
     let replay = Replay {
         status: 201,
         body: r#"{"id":"pay_1"}"#.into(),
@@ -986,7 +1010,10 @@ async fn check_idempotency_lifecycle(store: DynStore) {
         Mismatch
     );
     // Completed keys are neither released nor taken over when old.
-    store.release_idempotency("mch_1", "k1").await.unwrap();
+    store
+        .release_idempotency("mch_1", "k1", &token("k1", T0))
+        .await
+        .unwrap();
     assert_eq!(
         admit_key(&store, "mch_1", "k1", "h1", T0 + 10_000_000).await,
         replay
@@ -1017,11 +1044,131 @@ async fn check_idempotency_lifecycle(store: DynStore) {
 
     // Released: the key is free again.
     assert_eq!(admit_key(&store, "mch_1", "k3", "h", T0).await, New);
-    store.release_idempotency("mch_1", "k3").await.unwrap();
+    store
+        .release_idempotency("mch_1", "k3", &token("k3", T0))
+        .await
+        .unwrap();
     assert_eq!(admit_key(&store, "mch_1", "k3", "other", T0 + 1).await, New);
     assert_eq!(
         admit_key(&store, "mch_1", "k3", "h", T0 + 2).await,
         Mismatch
+    );
+}
+
+/// Regression (review of the foundation): a request whose stale claim was taken over by a retry
+/// must not complete or release the key the retry now holds.
+async fn check_taken_over_claim_cannot_complete(store: DynStore) {
+    use IdempotencyState::*;
+    assert_eq!(admit_key(&store, "m", "k", "h", T0).await, New);
+    // The first request stalls; its retry takes the stale claim over.
+    assert_eq!(admit_key(&store, "m", "k", "h", T0 + 60_001).await, New);
+    // The first request wakes up: neither its answer nor its release counts.
+    assert!(!store
+        .complete_idempotency(&completion("m", "k", T0, 200, "first"))
+        .await
+        .unwrap());
+    store
+        .release_idempotency("m", "k", &token("k", T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        admit_key(&store, "m", "k", "h", T0 + 60_002).await,
+        InProgress
+    );
+    // The retry's answer is the one that is kept.
+    assert!(store
+        .complete_idempotency(&completion("m", "k", T0 + 60_001, 200, "retry"))
+        .await
+        .unwrap());
+    assert_eq!(
+        admit_key(&store, "m", "k", "h", T0 + 60_003).await,
+        Replay {
+            status: 200,
+            body: "retry".into()
+        }
+    );
+    // A transition carrying the stale claim's response still applies; the replay is unchanged.
+    let m = merchant_at(T0).id;
+    let new = new_payment(m, "taken-over");
+    create(&store, &new).await;
+    let mut t = succeed(&new.payment, &new.attempt, T0 + 2);
+    t.idempotency = Some(completion("m", "k", T0, 200, "stale"));
+    assert!(store.apply_transition(&t).await.unwrap());
+    assert_eq!(
+        admit_key(&store, "m", "k", "h", T0 + 60_004).await,
+        Replay {
+            status: 200,
+            body: "retry".into()
+        }
+    );
+}
+
+/// The create-payment write claims the request's nonce and key itself (one commit fewer), and
+/// writes no payment when the admission refuses the request.
+async fn check_create_payment_admits_in_the_same_write(store: DynStore) {
+    let m = merchant_at(T0);
+    store.insert_merchant(&m).await.unwrap();
+    let scope = m.id.to_string();
+    let with_admission = |otn: &str, n: &str, key: &str, hash: &str| {
+        let mut new = new_payment(m.id, otn);
+        new.admission = Some(Admission {
+            now_ms: T0,
+            nonce: nonce("key_a", n, T0 / 1000),
+            idempotency: idem(&scope, key, hash, T0),
+        });
+        new
+    };
+    let first = with_admission("adm-1", "n1", "k1", "h1");
+    assert_eq!(
+        store.create_payment(&first).await.unwrap(),
+        CreatePaymentOutcome::Created
+    );
+    // The nonce and the key were claimed with the payment.
+    assert_eq!(
+        admit_nonce(&store, "key_a", "n1", T0 + 1).await,
+        AdmissionOutcome::NonceReused
+    );
+    assert_eq!(
+        admit_key(&store, &scope, "k1", "h1", T0 + 1).await,
+        IdempotencyState::InProgress
+    );
+    // Refusals write no payment.
+    let cases = [
+        (
+            with_admission("adm-2", "n1", "k2", "h2"),
+            AdmissionOutcome::NonceReused,
+        ),
+        (
+            with_admission("adm-3", "n3", "k1", "h1"),
+            AdmissionOutcome::Admitted(Some(IdempotencyState::InProgress)),
+        ),
+        (
+            with_admission("adm-4", "n4", "k1", "other"),
+            AdmissionOutcome::Admitted(Some(IdempotencyState::Mismatch)),
+        ),
+    ];
+    for (new, expected) in cases {
+        assert_eq!(
+            store.create_payment(&new).await.unwrap(),
+            CreatePaymentOutcome::NotAdmitted(expected)
+        );
+        assert!(store
+            .get_payment(m.id, new.payment.id)
+            .await
+            .unwrap()
+            .is_none());
+    }
+    let (payments, _) = (store.list_payments(m.id, 10, None).await.unwrap(), ());
+    assert_eq!(payments.len(), 1);
+    // A duplicate out_trade_no keeps the admission (its 409 is stored under the key later).
+    let dup = with_admission("adm-1", "n5", "k5", "h5");
+    assert!(matches!(
+        store.create_payment(&dup).await.unwrap(),
+        CreatePaymentOutcome::DuplicateOutTradeNo(_)
+    ));
+    assert_eq!(
+        admit_key(&store, &scope, "k5", "h5", T0 + 1).await,
+        IdempotencyState::InProgress
     );
 }
 
@@ -1218,21 +1365,21 @@ async fn check_alerts_newest_first(store: DynStore) {
 }
 
 async fn check_prune(store: DynStore) {
-    let claim = |n: &str, expires_at_ms| Admission {
+    let claim = |n: &str, timestamp_s| Admission {
         now_ms: 0,
-        nonce: nonce("key", n, expires_at_ms),
+        nonce: nonce("key", n, timestamp_s),
         idempotency: None,
     };
-    store.admit(&claim("old", 100)).await.unwrap();
-    store.admit(&claim("live", 10_000)).await.unwrap();
+    store.admit(&claim("old", 1)).await.unwrap();
+    store.admit(&claim("live", 10)).await.unwrap();
     assert_eq!(
         admit_key(&store, "s", "done-old", "h", 50).await,
         IdempotencyState::New
     );
-    store
-        .complete_idempotency("s", "done-old", 200, "old", 60)
+    assert!(store
+        .complete_idempotency(&completion("s", "done-old", 50, 200, "old"))
         .await
-        .unwrap();
+        .unwrap());
     assert_eq!(
         admit_key(&store, "s", "running-old", "h", 50).await,
         IdempotencyState::New
@@ -1241,14 +1388,21 @@ async fn check_prune(store: DynStore) {
         admit_key(&store, "s", "done-new", "h", 500).await,
         IdempotencyState::New
     );
-    store
-        .complete_idempotency("s", "done-new", 200, "new", 510)
+    assert!(store
+        .complete_idempotency(&completion("s", "done-new", 500, 200, "new"))
         .await
-        .unwrap();
+        .unwrap());
 
-    // The expired nonce, the old completed key and the old abandoned in-progress key.
-    assert_eq!(store.prune(1000, 100).await.unwrap(), 3);
-    assert_eq!(store.prune(1000, 100).await.unwrap(), 0);
+    let prune = |limit| Prune {
+        nonces_signed_before_s: 10,
+        keys_created_before_ms: 100,
+        limit,
+    };
+    // The old nonce, the old completed key and the old abandoned in-progress key; at most
+    // `limit` of each kind per call.
+    assert_eq!(store.prune(&prune(1)).await.unwrap(), 2);
+    assert_eq!(store.prune(&prune(1)).await.unwrap(), 1);
+    assert_eq!(store.prune(&prune(100)).await.unwrap(), 0);
     // The old completed key is gone: the same key starts afresh.
     assert_eq!(
         admit_key(&store, "s", "done-old", "h", 1000).await,
@@ -1269,7 +1423,7 @@ async fn check_prune(store: DynStore) {
     );
     let reuse = Admission {
         now_ms: 1000,
-        nonce: nonce("key", "live", 20_000),
+        nonce: nonce("key", "live", 10),
         idempotency: None,
     };
     assert_eq!(
@@ -1506,6 +1660,8 @@ conformance! {
         check_outbox_readers_never_skip_events,
         check_nonces,
         check_idempotency_lifecycle,
+        check_taken_over_claim_cannot_complete,
+        check_create_payment_admits_in_the_same_write,
         check_concurrent_admits_one_new,
         check_job_leases,
         check_concurrent_leases_hand_out_each_job_once,
