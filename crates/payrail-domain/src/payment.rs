@@ -88,8 +88,10 @@ impl PaymentStatus {
         matches!(
             (self, to),
             (Created, Processing)
+                | (Created, Succeeded)
                 | (Created, Failed)
                 | (Created, Closed)
+                | (Created, Cancelled)
                 | (Processing, Succeeded)
                 | (Processing, Failed)
                 | (Processing, Closed)
@@ -311,8 +313,10 @@ mod tests {
         use PaymentStatus::*;
         let allowed = [
             (Created, Processing),
+            (Created, Succeeded),
             (Created, Failed),
             (Created, Closed),
+            (Created, Cancelled),
             (Processing, Succeeded),
             (Processing, Failed),
             (Processing, Closed),
@@ -323,6 +327,32 @@ mod tests {
                 let want = allowed.contains(&(*from, *to));
                 assert_eq!(from.can_become(*to), want, "{from} -> {to}");
                 assert_eq!(from.transition(*to).is_ok(), want);
+            }
+        }
+    }
+
+    /// Regression (review of the foundation): `decide` moved a pending attempt to cancelled, but
+    /// the payment whitelist had no created -> cancelled, so applying it would have failed.
+    /// Every attempt transition `decide` can produce must be a payment transition too.
+    #[test]
+    fn every_decision_is_a_whitelisted_payment_transition() {
+        let outcomes = [
+            ok(),
+            fail(),
+            unknown(),
+            processing(),
+            ChannelOutcome::Closed,
+            ChannelOutcome::Cancelled,
+        ];
+        for from in AttemptStatus::ALL {
+            for outcome in &outcomes {
+                if let Decision::Transition(to) = decide(*from, outcome) {
+                    let (p_from, p_to) = (from.payment_status(), to.payment_status());
+                    assert!(
+                        p_from == p_to || p_from.can_become(p_to),
+                        "attempt {from} -> {to} needs payment {p_from} -> {p_to}"
+                    );
+                }
             }
         }
     }
