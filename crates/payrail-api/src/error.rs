@@ -128,6 +128,15 @@ impl From<EngineError> for ApiError {
                 format!("no channel is configured for method {method}"),
             )
             .with_param("method"),
+            E::ChannelBusy(busy) => {
+                tracing::warn!(channel = %busy.channel, limit = busy.limit, "channel busy; failing fast");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "channel_error",
+                    "channel_busy",
+                    "the channel is handling as many requests as it may; nothing was done, retry shortly",
+                )
+            }
             E::ChannelUnconfirmed(reason) => {
                 tracing::warn!(reason = %reason, "channel did not confirm");
                 ApiError::new(

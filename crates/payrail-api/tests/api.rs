@@ -792,6 +792,57 @@ both!(hanging_channel_times_out_as_unknown, |b| async move {
     );
 });
 
+both!(
+    a_saturated_channel_fails_fast_and_writes_nothing,
+    |b| async move {
+        // Two call slots per channel, 50 ms queue: two hanging payments (sandbox amount ..03 hangs
+        // until the 300 ms channel timeout) take both slots.
+        let config = EngineConfig {
+            channel_concurrency_max: 2,
+            channel_queue_ms: 50,
+            ..test_config()
+        };
+        let Some(h) = harness_with(b, config, false).await else {
+            return;
+        };
+        let (_, c) = h.merchant("Shop").await;
+        let h = Arc::new(h);
+        let mut hanging = Vec::new();
+        for i in 0..2 {
+            let (h, c) = (h.clone(), c.clone());
+            hanging.push(tokio::spawn(async move {
+                h.create(&c, 1003, &format!("hang-{i}")).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t0 = std::time::Instant::now();
+        let busy = h.create(&c, 1000, "while-busy").await;
+        assert_eq!(
+            (busy.status, busy.error_code()),
+            (503, Some("channel_busy")),
+            "{}",
+            busy.body
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(250),
+            "failed fast, not after the channel timeout: {:?}",
+            t0.elapsed()
+        );
+        for t in hanging {
+            assert_eq!(t.await.unwrap().body["status"], "processing");
+        }
+        // Nothing was written for the refused request, and its key and out_trade_no are free.
+        assert_eq!(h.count_payments(&c).await, 2);
+        let later = h.create(&c, 1000, "while-busy").await;
+        assert_eq!(
+            (later.status, later.body["status"].as_str()),
+            (200, Some("succeeded")),
+            "{}",
+            later.body
+        );
+    }
+);
+
 both!(frozen_merchants_and_operator_auth, |b| async move {
     let Some(h) = harness(b).await else { return };
     let (mch, c) = h.merchant("Shop").await;

@@ -3,6 +3,7 @@
 //! nothing of it, so the same operations serve the API, the CLI and the workers.
 
 pub mod auth;
+pub mod bulkhead;
 pub mod crypto;
 pub mod ids;
 pub mod merchants;
@@ -38,6 +39,10 @@ pub struct EngineConfig {
     pub idempotency_retention_ms: i64,
     /// How long an authenticated app (and its merchant's status) stays cached.
     pub auth_cache_ttl_ms: i64,
+    /// Calls in flight to any one channel; a hanging channel holds at most this many.
+    pub channel_concurrency_max: usize,
+    /// Longest wait for a free call slot of a channel before failing fast (503 `channel_busy`).
+    pub channel_queue_ms: u64,
 }
 
 impl EngineConfig {
@@ -64,6 +69,8 @@ impl Default for EngineConfig {
             idempotency_stale_ms: 60_000,
             idempotency_retention_ms: 24 * 3600 * 1000,
             auth_cache_ttl_ms: 5_000,
+            channel_concurrency_max: 256,
+            channel_queue_ms: 200,
         }
     }
 }
@@ -84,6 +91,8 @@ pub enum EngineError {
     NoChannel(String),
     #[error("the channel did not confirm: {0}")]
     ChannelUnconfirmed(String),
+    #[error(transparent)]
+    ChannelBusy(#[from] bulkhead::ChannelBusy),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("internal: {0}")]
@@ -104,6 +113,7 @@ pub struct Engine {
     pub master_key: crypto::MasterKey,
     pub config: EngineConfig,
     pub metrics: metrics::Metrics,
+    pub bulkheads: bulkhead::Bulkheads,
     auth_cache: auth::AuthCache,
 }
 
@@ -116,6 +126,8 @@ impl Engine {
         config: EngineConfig,
     ) -> Engine {
         let config = config.normalised();
+        let bulkheads =
+            bulkhead::Bulkheads::new(config.channel_concurrency_max, config.channel_queue_ms);
         Engine {
             store,
             channels,
@@ -124,6 +136,7 @@ impl Engine {
             master_key,
             config,
             metrics: metrics::Metrics::new(),
+            bulkheads,
             auth_cache: auth::AuthCache::default(),
         }
     }

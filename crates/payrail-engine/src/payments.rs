@@ -82,6 +82,8 @@ impl Engine {
             .route(req.method)
             .ok_or_else(|| EngineError::NoChannel(req.method.as_str().into()))?
             .clone();
+        // A call slot first: if the channel is saturated, fail fast before anything is written.
+        let _permit = self.channel_permit(connector.name()).await?;
         let now = self.now_ms();
         let status = PaymentStatus::Created
             .transition(PaymentStatus::Processing)
@@ -212,6 +214,21 @@ impl Engine {
             next_action,
             idempotency_completed,
         })))
+    }
+
+    /// A call slot of `channel`'s bulkhead, or `ChannelBusy` (counted) after the queue time.
+    pub(crate) async fn channel_permit(
+        &self,
+        channel: &str,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, EngineError> {
+        self.bulkheads.acquire(channel).await.map_err(|busy| {
+            self.metrics.inc(
+                "payrail_channel_busy_total",
+                "Channel calls refused because the channel's call slots were all taken.",
+                &[("channel", channel)],
+            );
+            EngineError::ChannelBusy(busy)
+        })
     }
 
     fn channel_timeout(&self) -> Duration {
@@ -477,6 +494,18 @@ impl Engine {
         let req = self.query_request(&payment, &attempt)?;
         let now = self.now_ms();
         let expired = now >= payment.expires_at_ms;
+        let Ok(_permit) = self.channel_permit(connector.name()).await else {
+            // The channel is saturated: ask again shortly instead of piling on.
+            self.store
+                .update_job(&JobUpdate::Schedule {
+                    kind: JOB_PAYMENT_SYNC.into(),
+                    subject_id: job.subject_id.clone(),
+                    run_at_ms: now.saturating_add(self.config.sync_first_delay_ms),
+                    last_error: Some("channel busy".into()),
+                })
+                .await?;
+            return Ok(());
+        };
         let started = Instant::now();
         let (op, call) = if expired {
             ("close", connector.close(&req))
@@ -530,6 +559,7 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal(format!("payment {payment_id} has no attempt")))?;
         let connector = self.connector_for(&attempt)?;
         let req = self.query_request(&payment, &attempt)?;
+        let _permit = self.channel_permit(connector.name()).await?;
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.channel_timeout(), connector.query(&req))
             .await
@@ -561,6 +591,7 @@ impl Engine {
         })?;
         let connector = self.connector_for(&attempt)?;
         let req = self.query_request(&payment, &attempt)?;
+        let _permit = self.channel_permit(connector.name()).await?;
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.channel_timeout(), connector.close(&req))
             .await

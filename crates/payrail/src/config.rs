@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub sync_max_delay_ms: Option<i64>,
     pub sync_lease_ms: Option<i64>,
     pub worker_poll_ms: Option<u64>,
+    pub channel_concurrency_max: Option<usize>,
+    pub channel_queue_ms: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
     pub demo_merchant: Option<bool>,
 }
@@ -58,6 +60,8 @@ pub const ENV_VARS: &[&str] = &[
     "PAYRAIL_LISTEN",
     "PAYRAIL_DATA_DIR",
     "PAYRAIL_DATABASE_URL",
+    "PAYRAIL_CHANNEL_CONCURRENCY_MAX",
+    "PAYRAIL_CHANNEL_QUEUE_MS",
     "PAYRAIL_ROLES",
     "PAYRAIL_LOG",
     "PAYRAIL_LOG_FORMAT",
@@ -210,6 +214,25 @@ impl Config {
             .or(file.worker_poll_ms)
         {
             engine.worker_poll_ms = v;
+        }
+        if let Some(v) = parse_num(
+            "PAYRAIL_CHANNEL_CONCURRENCY_MAX",
+            env("PAYRAIL_CHANNEL_CONCURRENCY_MAX"),
+        )?
+        .or(file.channel_concurrency_max)
+        {
+            engine.channel_concurrency_max = v;
+        }
+        if let Some(v) = parse_num("PAYRAIL_CHANNEL_QUEUE_MS", env("PAYRAIL_CHANNEL_QUEUE_MS"))?
+            .or(file.channel_queue_ms)
+        {
+            engine.channel_queue_ms = v;
+        }
+        if !(1..=100_000).contains(&engine.channel_concurrency_max) {
+            bail!("channel_concurrency_max must be between 1 and 100000");
+        }
+        if engine.channel_queue_ms > 60_000 {
+            bail!("channel_queue_ms must be at most 60000");
         }
         if !(50..=120_000).contains(&engine.channel_timeout_ms) {
             bail!("channel_timeout_ms must be between 50 and 120000");
