@@ -1378,3 +1378,87 @@ both!(a_freeze_by_another_process_counts_at_once, |b| async move {
         "nothing written"
     );
 });
+
+/// A channel that never gives a definite answer: every call is unknown.
+struct Silent;
+
+#[async_trait::async_trait]
+impl payrail_channels::Connector for Silent {
+    fn name(&self) -> &'static str {
+        "a_silent" // sorts before "sandbox", so routing picks it
+    }
+    fn supports(&self, _: payrail_domain::input::PaymentMethod) -> bool {
+        true
+    }
+    async fn submit(
+        &self,
+        _: &payrail_channels::SubmitRequest,
+    ) -> payrail_channels::SubmitResponse {
+        payrail_channels::SubmitResponse {
+            outcome: payrail_domain::ChannelOutcome::unknown("HTTP 503"),
+            next_action: None,
+        }
+    }
+    async fn query(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::unknown("order not found")
+    }
+    async fn close(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::unknown("order not found")
+    }
+}
+
+both!(
+    an_expired_payment_the_channel_never_resolves_alerts_once,
+    |b| async move {
+        let Some(h) = harness_full(b, test_config(), false, Some(Arc::new(Silent))).await else {
+            return;
+        };
+        let (_, c) = h.merchant("Shop").await;
+        let body = json!({"amount": 1000, "currency": "CNY", "out_trade_no": "silent", "subject": "x", "method": "sandbox", "expires_in": 60}).to_string();
+        let a = h
+            .post(&c, "/v1/payments", Some(&body), Some(&nonce()))
+            .await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        let sync_once = |advance_ms: i64| {
+            let h = &h;
+            async move {
+                h.clock.advance_ms(advance_ms);
+                let now = h.engine.now_ms();
+                let jobs = h
+                    .engine
+                    .store
+                    .lease_jobs(payrail_engine::JOB_PAYMENT_SYNC, now, 30_000, 10)
+                    .await
+                    .unwrap();
+                assert_eq!(jobs.len(), 1, "the payment keeps its sync job");
+                h.engine.sync_payment(&jobs[0]).await.unwrap();
+            }
+        };
+        let unresolved = || async {
+            h.engine
+                .store
+                .list_alerts(10)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|a| a.kind == "payment_unresolved")
+                .count()
+        };
+        // Expired, but not yet long enough: the close is retried, no alert.
+        sync_once(61_000).await;
+        assert_eq!(unresolved().await, 0);
+        // An hour past expiry: one alert, and only one however often the job runs.
+        sync_once(3_600_000).await;
+        assert_eq!(unresolved().await, 1);
+        sync_once(400_000).await;
+        assert_eq!(unresolved().await, 1);
+        // (Read from the store: the server's clock is hours ahead of the client's signatures.)
+        let id = a.body["id"].as_str().unwrap().parse().unwrap();
+        let p = h.engine.store.get_payment_any(id).await.unwrap().unwrap();
+        assert_eq!(
+            p.status,
+            payrail_domain::PaymentStatus::Processing,
+            "unknown is never failure"
+        );
+    }
+);

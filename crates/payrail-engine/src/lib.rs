@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub channel_concurrency_max: usize,
     /// Longest wait for a free call slot of a channel before failing fast (503 `channel_busy`).
     pub channel_queue_ms: u64,
+    /// An open payment this long past its expiry, still without a definite channel answer,
+    /// raises a `payment_unresolved` alert (once): a person must look at it.
+    pub unresolved_alert_after_ms: i64,
 }
 
 impl EngineConfig {
@@ -71,6 +74,7 @@ impl Default for EngineConfig {
             auth_cache_ttl_ms: 5_000,
             channel_concurrency_max: 256,
             channel_queue_ms: 200,
+            unresolved_alert_after_ms: 3_600_000,
         }
     }
 }

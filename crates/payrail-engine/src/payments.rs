@@ -518,6 +518,35 @@ impl Engine {
         self.observe_channel(connector.name(), op, &outcome, started);
         let updated = self.apply_outcome(payment, attempt, &outcome).await?;
         if !updated.status.is_terminal() {
+            let overdue_ms = now.saturating_sub(updated.expires_at_ms);
+            if overdue_ms >= self.config.unresolved_alert_after_ms {
+                // The status-sync job keeps asking (unknown is never failure), but a payment
+                // this long past its expiry without a definite answer needs a person.
+                let raised = self
+                    .store
+                    .insert_alert_once(&AlertRecord {
+                        kind: "payment_unresolved".into(),
+                        subject_id: updated.id.to_string(),
+                        detail: format!(
+                            "expired {} s ago; the channel still gives no definite answer to {op} (last: {}); check the order at the channel",
+                            overdue_ms.div_euclid(1000),
+                            match &outcome {
+                                ChannelOutcome::Unknown { reason } => reason.as_str(),
+                                other => other.label(),
+                            }
+                        ),
+                        created_at_ms: now,
+                    })
+                    .await?;
+                if raised {
+                    tracing::error!(payment_id = %updated.id, "payment unresolved long after expiry; alert raised");
+                    self.metrics.inc(
+                        "payrail_payments_unresolved_total",
+                        "Payments still open long after expiry (alert raised).",
+                        &[("channel", &updated.channel)],
+                    );
+                }
+            }
             let mut next = now.saturating_add(self.sync_backoff_ms(job.attempts));
             if !expired {
                 // Wake up for the expiry close even if the backoff has grown past it.

@@ -128,6 +128,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<EventRecord>>;
     async fn insert_alert(&self, alert: &AlertRecord) -> Result<()>;
+    /// Inserts the alert unless one of the same kind for the same subject exists; returns
+    /// whether it did. (Two processes racing may both insert: an alert twice, never none.)
+    async fn insert_alert_once(&self, alert: &AlertRecord) -> Result<bool>;
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>>;
 
     // --- housekeeping ---------------------------------------------------------------------

@@ -917,6 +917,20 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn insert_alert_once(&self, a: &AlertRecord) -> Result<bool> {
+        let c = self.client().await?;
+        let n = execute(
+            &c,
+            &format!(
+                "INSERT INTO alerts ({ALERT_COLS}) SELECT $1, $2, $3, $4 \
+                 WHERE NOT EXISTS (SELECT 1 FROM alerts WHERE kind = $1 AND subject_id = $2)"
+            ),
+            &[&a.kind, &a.subject_id, &a.detail, &a.created_at_ms],
+        )
+        .await?;
+        Ok(n == 1)
+    }
+
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>> {
         let c = self.client().await?;
         let rows = query(

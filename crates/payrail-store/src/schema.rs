@@ -147,6 +147,8 @@ CREATE TABLE request_nonce_claims (
 INSERT INTO request_nonce_claims (timestamp_s, key_id, nonce)
     SELECT expires_at_ms / 1000 - 360, key_id, nonce FROM request_nonces;
 DROP TABLE request_nonces;
+-- Alerts raised once per subject (for example an expired payment the channel never resolves).
+CREATE INDEX alerts_by_subject ON alerts (kind, subject_id);
 "#,
     },
 ];

@@ -999,6 +999,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn insert_alert_once(&self, a: &AlertRecord) -> Result<bool> {
+        let a = a.clone();
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    &format!(
+                        "INSERT INTO alerts ({ALERT_COLS}) SELECT ?1, ?2, ?3, ?4 \
+                         WHERE NOT EXISTS (SELECT 1 FROM alerts WHERE kind = ?1 AND subject_id = ?2)"
+                    ),
+                    params![a.kind, a.subject_id, a.detail, a.created_at_ms],
+                )
+                .map_err(db_err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn list_alerts(&self, limit: u32) -> Result<Vec<AlertRecord>> {
         self.read(move |c| {
             let mut s = c

@@ -1364,6 +1364,25 @@ async fn check_alerts_newest_first(store: DynStore) {
     );
 }
 
+async fn check_alert_once_per_subject(store: DynStore) {
+    let alert = |subject: &str, t| AlertRecord {
+        kind: "payment_unresolved".into(),
+        subject_id: subject.into(),
+        detail: format!("at {t}"),
+        created_at_ms: t,
+    };
+    assert!(store.insert_alert_once(&alert("pay_1", 1)).await.unwrap());
+    assert!(!store.insert_alert_once(&alert("pay_1", 2)).await.unwrap());
+    assert!(store.insert_alert_once(&alert("pay_2", 3)).await.unwrap());
+    let mut other_kind = alert("pay_1", 4);
+    other_kind.kind = "channel_conflict".into();
+    assert!(store.insert_alert_once(&other_kind).await.unwrap());
+    assert_eq!(
+        store.list_alerts(10).await.unwrap(),
+        vec![other_kind, alert("pay_2", 3), alert("pay_1", 1)]
+    );
+}
+
 async fn check_prune(store: DynStore) {
     let claim = |n: &str, timestamp_s| Admission {
         now_ms: 0,
@@ -1666,6 +1685,7 @@ conformance! {
         check_job_leases,
         check_concurrent_leases_hand_out_each_job_once,
         check_alerts_newest_first,
+        check_alert_once_per_subject,
         check_prune,
     ],
     urls: [
