@@ -653,6 +653,10 @@ impl NotifyProtocol for WechatEmu {
                     .find(|r| &r.out_refund_no == out_refund_no)?;
                 let mut v = self.refund_json(&o, r, "SUCCESS");
                 v["mchid"] = json!(self.mchid);
+                // The notification names it refund_status, the API answers status.
+                if let Some(obj) = v.as_object_mut() {
+                    obj.remove("status");
+                }
                 v["refund_status"] = json!("SUCCESS");
                 ("REFUND.SUCCESS", "退款成功", self.encrypt(&v, "refund")?)
             }
