@@ -28,15 +28,11 @@ pub fn parse_zip(date: Date, zip_bytes: &[u8]) -> Result<Bill, BillError> {
         let mut entry = archive
             .by_index(i)
             .map_err(|e| BillError::Corrupt(format!("zip entry: {e}")))?;
-        // Names are GBK in the real files; the detail file is the one not ending in (汇总).
-        let raw_name = entry.name_raw().to_vec();
-        let (name, _, _) = encoding_rs::GBK.decode(&raw_name);
-        let name = if name.contains('\u{fffd}') {
-            entry.name().to_string()
-        } else {
-            name.into_owned()
-        };
-        if !name.ends_with("业务明细.csv") {
+        // Names are GBK without the zip UTF-8 flag in the real files, UTF-8 in others: accept
+        // either. The detail file is the one not ending in (汇总).
+        let (gbk_name, _, _) = encoding_rs::GBK.decode(entry.name_raw());
+        let detail = |n: &str| n.ends_with("业务明细.csv");
+        if !detail(&gbk_name) && !detail(entry.name()) {
             continue;
         }
         let mut bytes = Vec::new();
