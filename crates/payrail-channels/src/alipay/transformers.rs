@@ -401,6 +401,43 @@ mod tests {
         );
     }
 
+    /// Pinned vector, computed independently with OpenSSL 3.0 over the sign content below:
+    /// `openssl dgst -sha256 -sign merchant-private.pem ali.txt | base64 -w0`.
+    #[test]
+    fn request_signature_matches_openssl() {
+        let key =
+            include_str!("../../../payrail-emulator/testdata/test-only-keys/merchant-private.pem");
+        let signer =
+            crate::common::RsaSigner::from_secret("k", &payrail_domain::Secret::new(key.into()))
+                .unwrap();
+        let p: BTreeMap<String, String> = [
+            ("app_id", "2021000000000001"),
+            ("method", "alipay.trade.query"),
+            ("format", "JSON"),
+            ("charset", "utf-8"),
+            ("sign_type", "RSA2"),
+            ("timestamp", "2026-11-22 10:00:00"),
+            ("version", "1.0"),
+            ("notify_url", ""),
+            (
+                "biz_content",
+                r#"{"out_trade_no":"att_01KAQ7Y9XH0000000000000000"}"#,
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let content = request_sign_content(&p);
+        assert_eq!(
+            content,
+            r#"app_id=2021000000000001&biz_content={"out_trade_no":"att_01KAQ7Y9XH0000000000000000"}&charset=utf-8&format=JSON&method=alipay.trade.query&sign_type=RSA2&timestamp=2026-11-22 10:00:00&version=1.0"#
+        );
+        assert_eq!(
+            signer.sign_b64(content.as_bytes()),
+            "BxW7ajQc1pRT0f0OY+2xFFbJ3zpu00My00GgjjwlzhGGSPL+5i1pglEPNbMsr9E/zSxc08ASL32djnI+T8tz4IFiar50a1TaOkruu712pGxUlpOtmZ/qi+xg4s/n99KzRtcxOTlLwGYYxIuxE6cAvyCcaT/HWJNEo7t22fYUxyjHrRH7QIQzx4r04x/RK6r2vYJoDPKm1KAxckTCs5Hzk/Y8qV53roPqxDWJ/4sf2LlyJSeUv+0mHv7uYKsdNHZnxkfaT6qzGPGgiR4KiMjrUABH8u9BfNsxfw0oP8/h8eEhhFR7+b2U7hm40stisk4S6scb4oAqDd3FRNYuHw6jGg=="
+        );
+    }
+
     #[test]
     fn sign_contents_exclude_the_right_fields() {
         let p: BTreeMap<String, String> = [

@@ -134,6 +134,48 @@ pub fn map_refund_query(
 mod tests {
     use super::*;
 
+    /// Pinned vector, computed independently with OpenSSL 3.0:
+    ///
+    /// ```text
+    /// H=$(openssl dgst -sha256 -hex up.txt | awk '{print $2}')
+    /// printf '%s' "$H" | openssl dgst -sha256 -sign merchant-private.pem | base64 -w0
+    /// ```
+    #[test]
+    fn signature_over_the_sha256_hex_matches_openssl() {
+        let fields: BTreeMap<String, String> = [
+            ("version", "5.1.0"),
+            ("encoding", "UTF-8"),
+            ("signMethod", "01"),
+            ("txnType", "00"),
+            ("txnSubType", "00"),
+            ("bizType", "000000"),
+            ("channelType", "07"),
+            ("accessType", "0"),
+            ("merId", "777290058110048"),
+            ("certId", "68759663125"),
+            ("orderId", "att01KAQ7Y9XH0000000000000000"),
+            ("txnTime", "20261122100000"),
+            ("signature", "ignored"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let hex = sign_digest_hex(&fields);
+        assert_eq!(
+            hex,
+            "4ad4f98c1a2e2b830ec9bff95dc600cf4fbb4e9658ffd14f418212b828211f35"
+        );
+        let key =
+            include_str!("../../../payrail-emulator/testdata/test-only-keys/merchant-private.pem");
+        let signer =
+            crate::common::RsaSigner::from_secret("k", &payrail_domain::Secret::new(key.into()))
+                .unwrap();
+        assert_eq!(
+            signer.sign_b64(hex.as_bytes()),
+            "l2pH6VonaR26IEc9GbAWD9KtlUAQE/riwUajwXyhgFIaZy5RvvEIwzRKdpLVXzqblw5vI9aydekCSTozyxuc0GYJxugEjU0V4sIL1lnrK6Ojq2lfW0MEOne+KO5ACJUV64sKj44a0yX6RCUBNyh8etEhwS8MPK7f4/U/fTy0yu03PCxIUx4tTjL7oKlYBD2dkofwRnwTXBftP3SFAuVVUAO2gO8Rg0euEZ9C0dxD1EPh6CiBep/zwzgqxH63y50kB1StSNPeZozy5hj8Ok/Xz6+St5fIkHULrO2FMza1UTn9FujSNx0CIpYrie+Mh5188+bmDilX/vMgIUprpuwyfw=="
+        );
+    }
+
     #[test]
     fn consume_codes() {
         let cases = [
