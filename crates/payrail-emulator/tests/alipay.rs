@@ -1,4 +1,5 @@
 //! Alipay connector against the Alipay emulator, over real HTTP on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! UnionPay ACP connector against the UnionPay emulator, over real HTTP on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

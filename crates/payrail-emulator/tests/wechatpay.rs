@@ -1,4 +1,5 @@
 //! WeChat Pay v3 connector against the WeChat Pay emulator, over real HTTP on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

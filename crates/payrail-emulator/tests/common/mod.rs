@@ -1,5 +1,5 @@
 //! Shared pieces of the connector ↔ emulator tests: ids, a notification receiver, time bounds.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use axum::body::Bytes;
 use axum::http::HeaderMap;
@@ -28,11 +28,14 @@ pub fn cny(minor: i64) -> Money {
     Money::new(minor, Currency::CNY)
 }
 
+/// Every request our endpoint received: headers and raw body.
+pub type Received = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+
 /// Our notification endpoint: records every request and answers with the connector's exact
 /// reply — refusing the first `refuse` ones.
 pub struct Receiver {
     pub url: String,
-    pub got: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>,
+    pub got: Received,
     pub refuse: Arc<AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -45,7 +48,7 @@ impl Drop for Receiver {
 
 impl Receiver {
     pub async fn start(connector: Arc<dyn Connector>) -> Receiver {
-        let got: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>> = Arc::default();
+        let got: Received = Arc::default();
         let refuse = Arc::new(AtomicU32::new(0));
         let (g, r) = (got.clone(), refuse.clone());
         let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
