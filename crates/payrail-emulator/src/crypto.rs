@@ -33,6 +33,21 @@ impl KeyPair {
     }
 }
 
+/// A fresh RSA-2048 key pair as (PKCS#8 private PEM, SPKI public PEM). Slow in debug builds
+/// (seconds): the tests use the committed test-only keys instead.
+pub fn generate_key_pair() -> Result<(String, String), String> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = RsaPrivateKey::new(&mut rand::thread_rng(), 2048).map_err(|e| e.to_string())?;
+    let private = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| e.to_string())?
+        .to_string();
+    let public = RsaPublicKey::from(&key)
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| e.to_string())?;
+    Ok((private, public))
+}
+
 pub struct PublicKey(VerifyingKey<Sha256>);
 
 impl PublicKey {
