@@ -502,3 +502,122 @@ pub enum ChannelConfig {
 }
 
 pub use common::{ConfigError, DEFAULT_TIMEOUT_MS};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str =
+        include_str!("../../payrail-emulator/testdata/test-only-keys/merchant-private.pem");
+    const PUB: &str =
+        include_str!("../../payrail-emulator/testdata/test-only-keys/channel-public.pem");
+
+    /// Key material never shows in a configuration's Debug output (it is what gets logged when
+    /// a channel account is printed).
+    #[test]
+    fn configs_never_show_key_material() {
+        let wx = wechatpay::WechatPayConfig {
+            base_url: "https://api.mch.weixin.qq.com".into(),
+            mchid: "1900000109".into(),
+            appid: "wx1".into(),
+            merchant_serial_no: "S".into(),
+            merchant_private_key: Secret::new(KEY.into()),
+            api_v3_key: Secret::new("payrailTestOnlyApiV3Key000000001".into()),
+            platform_public_key: PUB.into(),
+            platform_serial: "PUB_KEY_ID_1".into(),
+            notify_url: "https://payrail.example/n".into(),
+            timeout_ms: 1_000,
+        };
+        let ali = alipay::AlipayConfig {
+            gateway_url: "https://openapi.alipay.com/gateway.do".into(),
+            app_id: "2021".into(),
+            app_private_key: Secret::new(KEY.into()),
+            alipay_public_key: PUB.into(),
+            seller_id: None,
+            notify_url: "https://payrail.example/n".into(),
+            return_url: None,
+            timeout_ms: 1_000,
+        };
+        let up = unionpay::UnionPayConfig {
+            base_url: "https://gateway.95516.com".into(),
+            mer_id: "777290058110048".into(),
+            cert_id: "1".into(),
+            signing_key: Secret::new(KEY.into()),
+            unionpay_public_key: PUB.into(),
+            back_url: "https://payrail.example/n".into(),
+            front_url: None,
+            timeout_ms: 1_000,
+        };
+        let shown = format!("{wx:?} {ali:?} {up:?}");
+        let key_body = KEY.lines().nth(1).unwrap();
+        assert!(!shown.contains(key_body), "private key leaked");
+        assert!(
+            !shown.contains("payrailTestOnlyApiV3Key"),
+            "APIv3 key leaked"
+        );
+        for c in [
+            ChannelConfig::WechatPay(wx),
+            ChannelConfig::Alipay(ali),
+            ChannelConfig::UnionPay(up),
+        ] {
+            let conn = connector_from_config(c).unwrap();
+            assert!(conn.capabilities().refund);
+        }
+        // A wrong key is refused with the field's name, never its content.
+        let mut bad = alipay::AlipayConfig {
+            gateway_url: "x".into(),
+            app_id: "x".into(),
+            app_private_key: Secret::new("not a key".into()),
+            alipay_public_key: PUB.into(),
+            seller_id: None,
+            notify_url: "x".into(),
+            return_url: None,
+            timeout_ms: 1,
+        };
+        let err = connector_from_config(ChannelConfig::Alipay(bad.clone()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("alipay.app_private_key"));
+        assert!(!err.to_string().contains("not a key"));
+        bad.app_private_key = Secret::new(KEY.into());
+        bad.alipay_public_key = "garbage".into();
+        assert!(connector_from_config(ChannelConfig::Alipay(bad)).is_err());
+    }
+
+    #[test]
+    fn registry_routes_by_capabilities() {
+        let mut r = Registry::new();
+        r.register(Arc::new(sandbox::Sandbox::new(Arc::new(
+            payrail_domain::ManualClock::new(0),
+        ))));
+        let wx = wechatpay::WechatPay::new(wechatpay::WechatPayConfig {
+            base_url: "http://127.0.0.1:9".into(),
+            mchid: "1".into(),
+            appid: "wx".into(),
+            merchant_serial_no: "S".into(),
+            merchant_private_key: Secret::new(KEY.into()),
+            api_v3_key: Secret::new("payrailTestOnlyApiV3Key000000001".into()),
+            platform_public_key: PUB.into(),
+            platform_serial: "P".into(),
+            notify_url: "http://127.0.0.1:9/n".into(),
+            timeout_ms: 1_000,
+        })
+        .unwrap();
+        r.register(Arc::new(wx));
+        assert_eq!(
+            r.route(PaymentMethod::WechatCode).map(|c| c.name()),
+            Some("wechatpay")
+        );
+        assert_eq!(
+            r.route(PaymentMethod::Sandbox).map(|c| c.name()),
+            Some("sandbox")
+        );
+        assert!(r.route(PaymentMethod::AlipayQr).is_none());
+        let caps = r.get("wechatpay").unwrap().capabilities();
+        let code = caps.method(PaymentMethod::WechatCode).unwrap();
+        assert!(
+            !code.close && code.cancel,
+            "payment-code orders are reversed, not closed"
+        );
+    }
+}

@@ -426,6 +426,19 @@ impl Core {
         }
     }
 
+    /// Sends one rendered request to `url` at once, outside the retry queue; the HTTP status.
+    pub async fn send_once(&self, url: &str, r: Rendered) -> Option<u16> {
+        let mut rb = self.http.post(url).header("Content-Type", r.content_type);
+        for (k, v) in r.headers {
+            rb = rb.header(k, v);
+        }
+        rb.body(r.body)
+            .send()
+            .await
+            .ok()
+            .map(|resp| resp.status().as_u16())
+    }
+
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.lock().deliveries.clone()
     }

@@ -257,6 +257,13 @@ impl EmulatorHandle {
     pub fn render_probe(&self) -> Option<Rendered> {
         self.proto.probe(&self.core)
     }
+
+    /// Sends WeChat's signature probe to `url`; the HTTP status our endpoint answered (a
+    /// correct endpoint refuses it). `None` for channels without probes or no answer.
+    pub async fn send_probe(&self, url: &str) -> Option<u16> {
+        let r = self.proto.probe(&self.core)?;
+        self.core.send_once(url, r).await
+    }
 }
 
 fn scan(core: &Core, out_trade_no: &str) -> Result<(), String> {
@@ -286,6 +293,11 @@ struct ScriptBody {
 #[derive(serde::Deserialize)]
 struct OrderRef {
     out_trade_no: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Url {
+    url: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -339,6 +351,18 @@ fn admin_routes(state: AdminState) -> Router {
             get(
                 |State(s): State<AdminState>, Path(no): Path<String>| async move {
                     Json(serde_json::json!(s.core.order(&no)))
+                },
+            ),
+        )
+        .route(
+            "/__admin/probe",
+            post(
+                |State(s): State<AdminState>, Json(b): Json<Url>| async move {
+                    let status = match s.proto.probe(&s.core) {
+                        Some(r) => s.core.send_once(&b.url, r).await,
+                        None => None,
+                    };
+                    Json(serde_json::json!({"status": status}))
                 },
             ),
         )

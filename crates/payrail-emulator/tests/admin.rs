@@ -35,33 +35,99 @@ async fn script_scan_clock_orders_and_deliveries_over_http() {
         let admin = |path: &str| format!("{}/__admin/{path}", emu.base_url);
 
         // A barcode payment scripted to wait for one query, then fail.
-        let mut r = SubmitRequest::new(attempt(), cny(1000), "x", PaymentMethod::AlipayCode, START_MS, START_MS + 60_000);
+        let mut r = SubmitRequest::new(
+            attempt(),
+            cny(1000),
+            "x",
+            PaymentMethod::AlipayCode,
+            START_MS,
+            START_MS + 60_000,
+        );
         r.auth_code = Some(Secret::new("284308793673642130".into()));
         let no = r.attempt_id.to_string();
         let ok: Value = http
             .post(admin("script"))
             .json(&json!({"out_trade_no": no, "user_paying_queries": 1, "fail": true}))
-            .send().await.unwrap().json().await.unwrap();
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(ok["ok"], true);
         assert_eq!(pay.submit(&r).await.outcome.label(), "processing");
-        let q = QueryRequest { attempt_id: r.attempt_id, amount: r.amount, channel_trade_no: None, submitted_at_ms: START_MS };
+        let q = QueryRequest {
+            attempt_id: r.attempt_id,
+            amount: r.amount,
+            channel_trade_no: None,
+            submitted_at_ms: START_MS,
+        };
         assert_eq!(pay.query(&q).await.label(), "processing");
         assert_eq!(pay.query(&q).await.label(), "closed");
-        let order: Value = http.get(admin(&format!("orders/{no}"))).send().await.unwrap().json().await.unwrap();
+        let order: Value = http
+            .get(admin(&format!("orders/{no}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(order["state"], "Failed");
 
         // A QR scanned through the admin endpoint; its notification refused once, then the
         // clock advanced over HTTP delivers the retry.
-        let qr = SubmitRequest::new(attempt(), cny(1000), "x", PaymentMethod::AlipayQr, START_MS, START_MS + 60_000);
+        let qr = SubmitRequest::new(
+            attempt(),
+            cny(1000),
+            "x",
+            PaymentMethod::AlipayQr,
+            START_MS,
+            START_MS + 60_000,
+        );
         pay.submit(&qr).await;
-        let scanned: Value = http.post(admin("scan")).json(&json!({"out_trade_no": qr.attempt_id.to_string()})).send().await.unwrap().json().await.unwrap();
+        let scanned: Value = http
+            .post(admin("scan"))
+            .json(&json!({"out_trade_no": qr.attempt_id.to_string()}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(scanned["ok"], true);
-        let now: Value = http.post(admin("clock/advance")).json(&json!({"ms": 240_000})).send().await.unwrap().json().await.unwrap();
+        let now: Value = http
+            .post(admin("clock/advance"))
+            .json(&json!({"ms": 240_000}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(now["now_ms"], START_MS + 240_000);
-        let clock: Value = http.get(admin("clock")).send().await.unwrap().json().await.unwrap();
+        let clock: Value = http
+            .get(admin("clock"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(clock["now_ms"], START_MS + 240_000);
-        let d: Value = http.get(admin("deliveries")).send().await.unwrap().json().await.unwrap();
-        let acked: Vec<bool> = d.as_array().unwrap().iter().map(|x| x["acked"].as_bool().unwrap()).collect();
+        let d: Value = http
+            .get(admin("deliveries"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let acked: Vec<bool> = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["acked"].as_bool().unwrap())
+            .collect();
         assert_eq!(acked, [false, true]);
         assert_eq!(rx.count(), 2);
     })

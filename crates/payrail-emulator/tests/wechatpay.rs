@@ -379,6 +379,19 @@ bounded!(
             Err(NotificationError::Probe)
         );
         assert_eq!(h.pay.notification_reply(false).status, 500);
+        // Sent over HTTP (this test receiver acknowledges everything), it arrives intact and the
+        // connector still recognises it.
+        let before = h.rx.count();
+        assert_eq!(
+            h.emu.send_probe(&h.rx.url).await,
+            Some(204),
+            "the test receiver acks everything"
+        );
+        let probe_seen = h.rx.inbound(before, now);
+        assert_eq!(
+            h.pay.parse_notification(&probe_seen),
+            Err(NotificationError::Probe)
+        );
         // Validly signed but tampered amount: the connector reports what the channel said.
         let t = h
             .emu

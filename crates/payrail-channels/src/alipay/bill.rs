@@ -168,3 +168,40 @@ pub fn parse_detail(date: Date, text: &str) -> Result<Bill, BillError> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detail(totals: &str) -> String {
+        format!(
+            "#支付宝业务明细查询\n#-----业务明细列表-----\n\
+             支付宝交易号,商户订单号,业务类型,商品名称,创建时间,完成时间,门店编号,门店名称,操作员,终端号,对方账户,订单金额（元）,商家实收（元）,支付宝红包（元）,集分宝（元）,支付宝优惠（元）,商家优惠（元）,券核销金额（元）,券名称,商家红包消费金额（元）,卡消费金额（元）,退款批次号/请求号,服务费（元）,分润（元）,备注\n\
+             2026112222001\t,att_1\t,交易,咖啡,2026-11-22 10:00:00,2026-11-22 10:00:01,,,,,b@x,10.00,10.00,0.00,0.00,0.00,0.00,0.00,,0.00,0.00,,-0.06,0.00,\n\
+             2026112222001\t,att_1\t,退款,咖啡,2026-11-22 11:00:00,2026-11-22 11:00:01,,,,,b@x,-4.00,-4.00,0.00,0.00,0.00,0.00,0.00,,0.00,0.00,rfd_1\t,0.02,0.00,\n\
+             #-----业务明细列表结束-----\n{totals}\n#导出时间：[2026-11-23 10:00:00]\n"
+        )
+    }
+
+    #[test]
+    fn tabs_comments_and_totals() {
+        let date = Date::parse("2026-11-22").unwrap();
+        let ok = detail("#交易合计：1笔，商家实收共10.00元，商家优惠共0.00元\n#退款合计：1笔，商家实收共-4.00元，商家优惠共0.00元");
+        let bill = parse_detail(date, &ok).unwrap();
+        assert_eq!(bill.lines[0].channel_trade_no, "2026112222001");
+        assert_eq!(bill.lines[1].out_refund_no.as_deref(), Some("rfd_1"));
+        assert_eq!(bill.lines[0].fee, Money::new(6, Currency::CNY));
+        assert_eq!(bill.lines[1].fee, Money::new(-2, Currency::CNY));
+        assert_eq!(bill.summary.refund_total, Money::new(400, Currency::CNY));
+        let bad = detail("#交易合计：1笔，商家实收共10.01元，商家优惠共0.00元\n#退款合计：1笔，商家实收共-4.00元");
+        assert!(matches!(
+            parse_detail(date, &bad),
+            Err(BillError::Inconsistent(_))
+        ));
+        let missing = detail("");
+        assert!(matches!(
+            parse_detail(date, &missing),
+            Err(BillError::Corrupt(_))
+        ));
+    }
+}

@@ -138,3 +138,53 @@ pub fn parse(date: Date, bytes: &[u8]) -> Result<Bill, BillError> {
         lines,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "交易时间,公众账号ID,商户号,特约商户号,设备号,微信订单号,商户订单号,用户标识,交易类型,交易状态,付款银行,货币种类,应结订单金额,代金券金额,微信退款单号,商户退款单号,退款金额,充值券退款金额,退款类型,退款状态,商品名称,商户数据包,手续费,费率,订单金额,申请退款金额,费率备注";
+
+    fn file(summary: &str) -> String {
+        format!(
+            "{HEADER}\r\n\
+             `2026-11-22 10:00:00,`wx1,`1900000109,`0,`,`4200001,`att_1,`o1,`NATIVE,`SUCCESS,`OTHERS,`CNY,`10.00,`0.00,`0,`0,`0.00,`0.00,`,`,`咖啡,`,`0.06,`0.60%,`10.00,`0.00,`\r\n\
+             `2026-11-22 11:00:00,`wx1,`1900000109,`0,`,`4200001,`att_1,`o1,`NATIVE,`REFUND,`OTHERS,`CNY,`0.00,`0.00,`5030001,`rfd_1,`4.00,`0.00,`ORIGINAL,`SUCCESS,`,`,`-0.02,`0.60%,`0.00,`4.00,`\r\n\
+             总交易单数,应结订单总金额,退款总金额,充值券退款总金额,手续费总金额,订单总金额,申请退款总金额\r\n{summary}\r\n"
+        )
+    }
+
+    #[test]
+    fn backtick_rows_and_summary() {
+        let date = Date::parse("2026-11-22").unwrap();
+        let bill = parse(
+            date,
+            file("`2,`10.00,`4.00,`0.00,`0.04,`10.00,`4.00").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(bill.lines.len(), 2);
+        assert_eq!(bill.lines[0].out_trade_no, "att_1");
+        assert_eq!(bill.lines[1].kind, BillLineKind::Refund);
+        assert_eq!(bill.lines[1].out_refund_no.as_deref(), Some("rfd_1"));
+        assert_eq!(bill.lines[1].amount, Money::new(400, Currency::CNY));
+        assert_eq!(bill.summary.fee_total, Money::new(4, Currency::CNY));
+        // A summary that does not match its lines is an error, not a silently wrong bill.
+        for bad in [
+            "`3,`10.00,`4.00,`0.00,`0.04,`10.00,`4.00",
+            "`2,`10.01,`4.00,`0.00,`0.04,`10.00,`4.00",
+            "`2,`10.00,`4.00,`0.00,`0.05,`10.00,`4.00",
+        ] {
+            assert!(
+                matches!(
+                    parse(date, file(bad).as_bytes()),
+                    Err(BillError::Inconsistent(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse(date, b"garbage"),
+            Err(BillError::Corrupt(_))
+        ));
+    }
+}
