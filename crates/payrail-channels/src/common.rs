@@ -239,6 +239,17 @@ mod tests {
         assert!(!v.verify_b64(b"hello", "%%%"));
     }
 
+    /// Regression: the workspace's reqwest had no TLS, so a real `https://` channel endpoint
+    /// failed before connecting ("scheme not supported"). With rustls it gets as far as the
+    /// (closed) port.
+    #[tokio::test]
+    async fn https_endpoints_are_reachable() {
+        let client = http_client(2_000).unwrap();
+        let err = client.get("https://127.0.0.1:9/").send().await.unwrap_err();
+        assert!(err.is_connect(), "{err:?}");
+        assert_eq!(transport_reason(&err), "connection failed");
+    }
+
     #[test]
     fn bad_keys_are_named_not_quoted() {
         let e = RsaSigner::from_secret(
