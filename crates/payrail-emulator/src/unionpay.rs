@@ -510,15 +510,6 @@ impl NotifyProtocol for UnionPayEmu {
                     o.amount_fen
                 };
                 f.insert("txnAmt".into(), amt.to_string());
-                if let NotifyEvent::Tampered { amount_fen, .. } = event {
-                    // The order total we echo in reqReserved is ours; the channel's amount is txnAmt.
-                    let attempt = f
-                        .get("reqReserved")
-                        .and_then(|r| r.split_once(':'))
-                        .map(|(a, _)| a.to_string())
-                        .unwrap_or_default();
-                    f.insert("reqReserved".into(), format!("{attempt}:{amount_fen}"));
-                }
                 if matches!(event, NotifyEvent::Contradiction { .. }) {
                     f.insert("respCode".into(), "01".into());
                     f.insert("respMsg".into(), "交易失败".into());

@@ -465,7 +465,13 @@ impl Connector for UnionPay {
             } else {
                 opt(&f, "origQryId")
             },
-            amount: Money::new(total, Currency::CNY),
+            // A payment states its amount (txnAmt); a refund or revoke states only its own, so
+            // the order total is the one we sent in reqReserved.
+            amount: if get(&f, "txnType") == "01" {
+                txn_amt
+            } else {
+                Money::new(total, Currency::CNY)
+            },
             channel_merchant_id: get(&f, "merId").to_string(),
             channel_app_id: None,
             event,
