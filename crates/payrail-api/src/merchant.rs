@@ -46,16 +46,17 @@ fn money_error(e: MoneyError) -> ApiError {
         MoneyError::UnknownCurrency(_) => {
             ApiError::invalid("currency_invalid", e.to_string()).with_param("currency")
         }
-        MoneyError::NotPositive | MoneyError::TooLarge(..) | MoneyError::Overflow => {
-            ApiError::invalid(
-                "amount_invalid",
-                format!(
-                    "amount must be an integer number of minor units from 1 to {}",
-                    Money::MAX_PAYMENT_MINOR
-                ),
-            )
-            .with_param("amount")
-        }
+        MoneyError::NotPositive
+        | MoneyError::TooLarge(..)
+        | MoneyError::Overflow
+        | MoneyError::BadDecimal(_) => ApiError::invalid(
+            "amount_invalid",
+            format!(
+                "amount must be an integer number of minor units from 1 to {}",
+                Money::MAX_PAYMENT_MINOR
+            ),
+        )
+        .with_param("amount"),
         MoneyError::CurrencyMismatch(..) => {
             ApiError::invalid("currency_invalid", e.to_string()).with_param("currency")
         }

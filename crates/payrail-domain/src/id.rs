@@ -30,6 +30,8 @@ id_kinds! {
     App = AppId: "app";
     Payment = PaymentId: "pay";
     Attempt = AttemptId: "att";
+    /// A refund; sent to the channel as its refund request number (idempotent there).
+    Refund = RefundId: "rfd";
     Event = EventId: "evt";
     Job = JobId: "job";
     /// Public key identifier an app signs with (not secret).

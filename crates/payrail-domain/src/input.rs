@@ -233,19 +233,71 @@ impl Metadata {
 }
 
 /// How the payer pays. Routing maps a method to a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Names are `<wallet>_<way>`: `qr`/`native` = the payer scans a code we show; `code` = the
+/// merchant scans the payer's payment code (barcode, 付款码); `h5`/`wap`/`web` = the payer's
+/// browser is sent to the channel; `jsapi` = inside the wallet app (WeChat official account or
+/// mini-program).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PaymentMethod {
     /// The built-in sandbox channel; outcome chosen by test amounts (docs/sandbox.md).
     Sandbox,
+    /// WeChat Pay Native: we show `code_url` as a QR code, the payer scans it.
+    WechatNative,
+    /// WeChat Pay H5: the payer's mobile browser is sent to `h5_url` (needs the client IP).
+    WechatH5,
+    /// WeChat Pay JSAPI: inside WeChat; needs the payer's `openid`.
+    WechatJsapi,
+    /// WeChat Pay payment code (付款码): we scan the payer's code (`auth_code`).
+    WechatCode,
+    /// Alipay face-to-face precreate: we show `qr_code`, the payer scans it.
+    AlipayQr,
+    /// Alipay barcode pay: we scan the payer's code (`auth_code`).
+    AlipayCode,
+    /// Alipay WAP pay: the payer's mobile browser is sent to a signed gateway URL.
+    AlipayWap,
+    /// UnionPay online gateway (B2C): the payer's browser posts a signed form to UnionPay.
+    UnionpayWeb,
+    /// UnionPay QR payment code (被扫): we scan the payer's code (`auth_code`).
+    UnionpayCode,
 }
 
 impl PaymentMethod {
-    pub const ALL: &'static [PaymentMethod] = &[PaymentMethod::Sandbox];
+    pub const ALL: &'static [PaymentMethod] = &[
+        PaymentMethod::Sandbox,
+        PaymentMethod::WechatNative,
+        PaymentMethod::WechatH5,
+        PaymentMethod::WechatJsapi,
+        PaymentMethod::WechatCode,
+        PaymentMethod::AlipayQr,
+        PaymentMethod::AlipayCode,
+        PaymentMethod::AlipayWap,
+        PaymentMethod::UnionpayWeb,
+        PaymentMethod::UnionpayCode,
+    ];
 
     pub fn as_str(&self) -> &'static str {
         match self {
             PaymentMethod::Sandbox => "sandbox",
+            PaymentMethod::WechatNative => "wechat_native",
+            PaymentMethod::WechatH5 => "wechat_h5",
+            PaymentMethod::WechatJsapi => "wechat_jsapi",
+            PaymentMethod::WechatCode => "wechat_code",
+            PaymentMethod::AlipayQr => "alipay_qr",
+            PaymentMethod::AlipayCode => "alipay_code",
+            PaymentMethod::AlipayWap => "alipay_wap",
+            PaymentMethod::UnionpayWeb => "unionpay_web",
+            PaymentMethod::UnionpayCode => "unionpay_code",
         }
+    }
+
+    /// The merchant scans the payer's code: the request must carry `auth_code`, the answer is
+    /// often USERPAYING, and an inconclusive payment is cancelled (reversed), not closed.
+    pub fn is_payment_code(&self) -> bool {
+        matches!(
+            self,
+            PaymentMethod::WechatCode | PaymentMethod::AlipayCode | PaymentMethod::UnionpayCode
+        )
     }
 
     pub fn parse(s: &str) -> Result<Self, InputError> {
@@ -369,5 +421,10 @@ mod tests {
         assert!(IdempotencyKey::parse("550e8400-e29b-41d4-a716-446655440000").is_ok());
         assert!(PaymentMethod::parse("sandbox").is_ok());
         assert!(PaymentMethod::parse("SANDBOX").is_err());
+        for m in PaymentMethod::ALL {
+            assert_eq!(PaymentMethod::parse(m.as_str()), Ok(*m));
+        }
+        assert!(PaymentMethod::WechatCode.is_payment_code());
+        assert!(!PaymentMethod::AlipayQr.is_payment_code());
     }
 }

@@ -129,6 +129,8 @@ pub enum MoneyError {
     NotPositive,
     #[error("amount {0} exceeds the maximum of {1} minor units")]
     TooLarge(i64, i64),
+    #[error("{0:?} is not a decimal amount with at most the currency's minor-unit digits")]
+    BadDecimal(String),
 }
 
 /// An amount in minor units of one currency.
@@ -246,6 +248,47 @@ impl Money {
     }
 }
 
+impl Money {
+    /// Parses a major-unit decimal string such as `"12.00"` (Alipay's `total_amount`, WeChat
+    /// and Alipay bill amounts) exactly into minor units. Accepts an optional leading `-`, at
+    /// least one integer digit and at most `exponent` fraction digits (`"12"`, `"12.5"`,
+    /// `"12.50"`); refuses everything else (`"1e3"`, `" 1"`, `"1."`, `".5"`, `"+1"`, more
+    /// fraction digits than the currency has). No floats are involved.
+    pub fn parse_decimal(s: &str, currency: Currency) -> Result<Money, MoneyError> {
+        let bad = || MoneyError::BadDecimal(s.chars().take(32).collect());
+        let (negative, digits) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let (int_part, frac_part) = match digits.split_once('.') {
+            Some((i, f)) if !f.is_empty() => (i, f),
+            Some(_) => return Err(bad()),
+            None => (digits, ""),
+        };
+        let exp = usize::from(currency.exponent);
+        if int_part.is_empty()
+            || int_part.len() > 19
+            || frac_part.len() > exp
+            || !int_part.bytes().all(|b| b.is_ascii_digit())
+            || !frac_part.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(bad());
+        }
+        let mut minor: i64 = 0;
+        let padded = format!("{int_part}{frac_part:0<exp$}");
+        for b in padded.bytes() {
+            minor = minor
+                .checked_mul(10)
+                .and_then(|m| m.checked_add(i64::from(b.wrapping_sub(b'0'))))
+                .ok_or(MoneyError::Overflow)?;
+        }
+        if negative {
+            minor = minor.checked_neg().ok_or(MoneyError::Overflow)?;
+        }
+        Ok(Money::new(minor, currency))
+    }
+}
+
 impl fmt::Debug for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.to_decimal_string(), self.currency)
@@ -309,6 +352,40 @@ mod tests {
     }
 
     #[test]
+    fn parse_decimal_is_exact() {
+        let kwd = Currency::parse("KWD").unwrap();
+        let good = [
+            ("12.00", Currency::CNY, 1200),
+            ("12", Currency::CNY, 1200),
+            ("12.5", Currency::CNY, 1250),
+            ("0.01", Currency::CNY, 1),
+            ("-5.00", Currency::CNY, -500),
+            ("0.07", Currency::CNY, 7), // 0.07 is not exact in binary floating point
+            ("1000", Currency::JPY, 1000),
+            ("0.001", kwd, 1),
+            ("92233720368547758.07", Currency::CNY, i64::MAX),
+        ];
+        for (s, cur, want) in good {
+            assert_eq!(
+                Money::parse_decimal(s, cur),
+                Ok(Money::new(want, cur)),
+                "{s}"
+            );
+        }
+        for s in [
+            "", "-", ".5", "1.", "+1", " 1", "1 ", "1e3", "1.234", "1,00", "0x10", "1.-1", "--1",
+            "１",
+        ] {
+            assert!(Money::parse_decimal(s, Currency::CNY).is_err(), "{s:?}");
+        }
+        assert!(Money::parse_decimal("1.5", Currency::JPY).is_err());
+        assert_eq!(
+            Money::parse_decimal("92233720368547758.08", Currency::CNY),
+            Err(MoneyError::Overflow)
+        );
+    }
+
+    #[test]
     fn no_cross_currency_arithmetic() {
         let a = Money::new(1, Currency::CNY);
         let b = Money::new(1, Currency::USD);
@@ -355,6 +432,14 @@ mod tests {
                     prop_assert_eq!(e, MoneyError::Overflow);
                     prop_assert!(exact > i128::from(i64::MAX) || exact < i128::from(i64::MIN));
                 }
+            }
+        }
+
+        #[test]
+        fn decimal_string_round_trips(minor in any::<i64>().prop_filter("not MIN", |m| *m != i64::MIN)) {
+            for cur in [Currency::CNY, Currency::JPY, Currency::parse("KWD").unwrap()] {
+                let m = Money::new(minor, cur);
+                prop_assert_eq!(Money::parse_decimal(&m.to_decimal_string(), cur), Ok(m));
             }
         }
 

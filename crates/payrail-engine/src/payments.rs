@@ -171,14 +171,14 @@ impl Engine {
             "Payments created, by channel.",
             &[("channel", connector.name())],
         );
-        let submit = SubmitRequest {
-            attempt_id: attempt.id,
-            amount: req.amount,
-            subject: payment.subject.clone(),
-            method: req.method,
-            submitted_at_ms: now,
-            expires_at_ms: payment.expires_at_ms,
-        };
+        let submit = SubmitRequest::new(
+            attempt.id,
+            req.amount,
+            payment.subject.clone(),
+            req.method,
+            now,
+            payment.expires_at_ms,
+        );
         let started = Instant::now();
         let response =
             match tokio::time::timeout(self.channel_timeout(), connector.submit(&submit)).await {

@@ -17,6 +17,20 @@ pub fn payment_json(p: &PaymentRecord, next_action: Option<&NextAction>) -> Valu
             json!({"type": "display_qr_code", "code_url": code_url})
         }
         NextAction::Redirect { url } => json!({"type": "redirect", "url": url}),
+        NextAction::PostForm { url, fields } => {
+            let fields: Map<String, Value> = fields
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            json!({"type": "post_form", "url": url, "fields": fields})
+        }
+        NextAction::InvokeWallet { params } => {
+            let params: Map<String, Value> = params
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            json!({"type": "invoke_wallet", "params": params})
+        }
     });
     let failure = p
         .failure_code

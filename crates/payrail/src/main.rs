@@ -6,6 +6,7 @@
 mod bench;
 mod config;
 mod demo;
+mod emulate;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure create-payment throughput and latency over real HTTP, then verify every payment.
     Bench(bench::BenchArgs),
+    /// Run a channel emulator (wechatpay, alipay or unionpay) on loopback for demos and tests.
+    Emulate(emulate::EmulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
             Command::Migrate(a) => serve::migrate(a.overrides()).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Emulate(a) => emulate::run(a).await,
         }
     });
     match result {
