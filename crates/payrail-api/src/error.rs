@@ -123,6 +123,24 @@ impl From<EngineError> for ApiError {
                 "payment_not_closable",
                 format!("the payment is {status} and cannot be closed"),
             ),
+            E::NotCancellable(status) => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "payment_not_cancellable",
+                format!("the payment is {status} and cannot be cancelled; refund a succeeded payment instead"),
+            ),
+            E::CancelNotSupported(method) => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "cancel_not_supported",
+                format!("the channel cannot cancel {method} payments; close the payment instead"),
+            ),
+            E::CancelRefused(reason) => ApiError::new(
+                StatusCode::CONFLICT,
+                "channel_error",
+                "cancel_refused",
+                format!("the channel refused to cancel the payment ({reason}); it is unchanged"),
+            ),
             E::NoChannel(method) => ApiError::invalid(
                 "method_not_available",
                 format!("no channel is configured for method {method}"),

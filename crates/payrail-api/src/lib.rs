@@ -2,6 +2,7 @@
 //! OpenAPI document. Handlers parse and validate, then call the engine; they hold no business
 //! rules of their own.
 
+pub mod channels;
 pub mod error;
 mod merchant;
 mod middleware;
@@ -31,6 +32,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(merchant::router())
         .merge(operator::router())
+        .merge(channels::router())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

@@ -1137,6 +1137,7 @@ both!(
             expires_in: payrail_domain::input::ExpiresIn::DEFAULT,
             notify_url: None,
             metadata: payrail_domain::input::Metadata::default(),
+            payer: Default::default(),
         };
         // Its admission is made in the create write, as the API does.
         let first = match h

@@ -33,6 +33,8 @@ id_kinds! {
     /// A refund; sent to the channel as its refund request number (idempotent there).
     Refund = RefundId: "rfd";
     Event = EventId: "evt";
+    /// An operator-configured account at a payment channel (credentials, endpoint).
+    ChannelAccount = ChannelAccountId: "cha";
     Job = JobId: "job";
     /// Public key identifier an app signs with (not secret).
     Key = KeyId: "key";

@@ -17,7 +17,9 @@ pub mod signing;
 
 pub use channel::ChannelOutcome;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use id::{AppId, AttemptId, EventId, Id, IdKind, JobId, MerchantId, PaymentId, RefundId};
+pub use id::{
+    AppId, AttemptId, ChannelAccountId, EventId, Id, IdKind, JobId, MerchantId, PaymentId, RefundId,
+};
 pub use money::{Currency, Money, MoneyError};
 pub use payment::{AttemptStatus, PaymentStatus, TransitionError};
 pub use secret::Secret;

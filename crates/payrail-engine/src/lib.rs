@@ -3,11 +3,14 @@
 //! nothing of it, so the same operations serve the API, the CLI and the workers.
 
 pub mod auth;
+pub mod barcode;
 pub mod bulkhead;
+pub mod channel_accounts;
 pub mod crypto;
 pub mod ids;
 pub mod merchants;
 pub mod metrics;
+pub mod notifications;
 pub mod payments;
 pub mod views;
 pub mod worker;
@@ -46,6 +49,13 @@ pub struct EngineConfig {
     /// An open payment this long past its expiry, still without a definite channel answer,
     /// raises a `payment_unresolved` alert (once): a person must look at it.
     pub unresolved_alert_after_ms: i64,
+    /// The URL channels reach this deployment at; channel notification URLs are built on it.
+    pub public_url: String,
+    /// Payment-code (barcode) payments: status queries this often while the payer confirms.
+    pub barcode_poll_ms: i64,
+    /// Payment-code payments still unconfirmed this long after submission are cancelled
+    /// (reversed/revoked) at the channel.
+    pub barcode_window_ms: i64,
 }
 
 impl EngineConfig {
@@ -75,6 +85,9 @@ impl Default for EngineConfig {
             channel_concurrency_max: 256,
             channel_queue_ms: 200,
             unresolved_alert_after_ms: 3_600_000,
+            public_url: "http://127.0.0.1:8080".into(),
+            barcode_poll_ms: 5_000,
+            barcode_window_ms: 30_000,
         }
     }
 }
@@ -91,6 +104,12 @@ pub enum EngineError {
     DuplicateOutTradeNo,
     #[error("payment is {0} and cannot be closed")]
     NotClosable(String),
+    #[error("payment is {0} and cannot be cancelled")]
+    NotCancellable(String),
+    #[error("the channel cannot cancel {0} payments")]
+    CancelNotSupported(String),
+    #[error("the channel refused to cancel: {0}")]
+    CancelRefused(String),
     #[error("no channel serves method {0}")]
     NoChannel(String),
     #[error("the channel did not confirm: {0}")]
@@ -118,6 +137,7 @@ pub struct Engine {
     pub config: EngineConfig,
     pub metrics: metrics::Metrics,
     pub bulkheads: bulkhead::Bulkheads,
+    accounts: std::sync::RwLock<channel_accounts::Accounts>,
     auth_cache: auth::AuthCache,
 }
 
@@ -141,6 +161,7 @@ impl Engine {
             config,
             metrics: metrics::Metrics::new(),
             bulkheads,
+            accounts: std::sync::RwLock::default(),
             auth_cache: auth::AuthCache::default(),
         }
     }

@@ -11,7 +11,7 @@
 
 use crate::auth::AppAuth;
 use crate::{Engine, EngineError, JOB_PAYMENT_SYNC};
-use payrail_channels::{Connector, NextAction, QueryRequest, SubmitRequest, SubmitResponse};
+use payrail_channels::{NextAction, QueryRequest, SubmitRequest, SubmitResponse};
 use payrail_domain::input::{ExpiresIn, Metadata, NotifyUrl, OutTradeNo, PaymentMethod, Subject};
 use payrail_domain::payment::{decide, Decision};
 use payrail_domain::{
@@ -22,7 +22,6 @@ use payrail_store::{
     IdempotencyCompletion, JobRecord, JobUpdate, NewEvent, NewJob, NewPayment, PaymentRecord,
     Transition,
 };
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Retries of a status change that lost an optimistic-lock race to another writer.
@@ -38,6 +37,18 @@ pub struct CreatePayment {
     pub expires_in: ExpiresIn,
     pub notify_url: Option<NotifyUrl>,
     pub metadata: Metadata,
+    /// What the method needs from the payer, passed to the channel and never stored.
+    pub payer: PayerDetails,
+}
+
+/// Per-method inputs: the payment code a cashier scanned (barcode methods), the payer's IP (H5),
+/// the payer's id at the channel (JSAPI) and where to send the browser back (WAP/web).
+#[derive(Debug, Clone, Default)]
+pub struct PayerDetails {
+    pub auth_code: Option<payrail_domain::Secret<String>>,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub payer_id: Option<String>,
+    pub return_url: Option<String>,
 }
 
 /// The idempotency key a request came with, so a retry after a crash recognises its payment.
@@ -77,13 +88,12 @@ impl Engine {
         if !app.merchant_active {
             return Err(EngineError::MerchantFrozen);
         }
-        let connector = self
-            .channels
+        let (account_id, connector) = self
             .route(req.method)
-            .ok_or_else(|| EngineError::NoChannel(req.method.as_str().into()))?
-            .clone();
+            .ok_or_else(|| EngineError::NoChannel(req.method.as_str().into()))?;
         // A call slot first: if the channel is saturated, fail fast before anything is written.
-        let _permit = self.channel_permit(connector.name()).await?;
+        let bulkhead = account_id.map_or_else(|| connector.name().to_string(), |id| id.to_string());
+        let _permit = self.channel_permit(&bulkhead).await?;
         let now = self.now_ms();
         let status = PaymentStatus::Created
             .transition(PaymentStatus::Processing)
@@ -127,6 +137,7 @@ impl Engine {
             failure_message: None,
             created_at_ms: now,
             updated_at_ms: now,
+            channel_account_id: account_id,
         };
         let first_sync_ms = i64::try_from(self.config.channel_timeout_ms)
             .unwrap_or(i64::MAX)
@@ -171,7 +182,7 @@ impl Engine {
             "Payments created, by channel.",
             &[("channel", connector.name())],
         );
-        let submit = SubmitRequest::new(
+        let mut submit = SubmitRequest::new(
             attempt.id,
             req.amount,
             payment.subject.clone(),
@@ -179,6 +190,10 @@ impl Engine {
             now,
             payment.expires_at_ms,
         );
+        submit.auth_code = req.payer.auth_code;
+        submit.client_ip = req.payer.client_ip;
+        submit.payer_id = req.payer.payer_id;
+        submit.return_url = req.payer.return_url;
         let started = Instant::now();
         let response =
             match tokio::time::timeout(self.channel_timeout(), connector.submit(&submit)).await {
@@ -201,7 +216,12 @@ impl Engine {
                     subject_id: payment.id.to_string(),
                     run_at_ms: self
                         .now_ms()
-                        .saturating_add(self.config.sync_first_delay_ms),
+                        .saturating_add(if req.method.is_payment_code() {
+                            // The payer is confirming on their phone: ask often (barcode flow).
+                            self.config.barcode_poll_ms
+                        } else {
+                            self.config.sync_first_delay_ms
+                        }),
                     last_error: None,
                 })
                 .await?;
@@ -231,11 +251,17 @@ impl Engine {
         })
     }
 
-    fn channel_timeout(&self) -> Duration {
+    pub(crate) fn channel_timeout(&self) -> Duration {
         Duration::from_millis(self.config.channel_timeout_ms)
     }
 
-    fn observe_channel(&self, channel: &str, op: &str, outcome: &ChannelOutcome, started: Instant) {
+    pub(crate) fn observe_channel(
+        &self,
+        channel: &str,
+        op: &str,
+        outcome: &ChannelOutcome,
+        started: Instant,
+    ) {
         let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.metrics.observe_us(
             "payrail_channel_call_duration_seconds",
@@ -427,7 +453,7 @@ impl Engine {
         Ok(())
     }
 
-    fn query_request(
+    pub(crate) fn query_request(
         &self,
         p: &PaymentRecord,
         a: &AttemptRecord,
@@ -442,13 +468,7 @@ impl Engine {
         })
     }
 
-    fn connector_for(&self, a: &AttemptRecord) -> Result<Arc<dyn Connector>, EngineError> {
-        self.channels.get(&a.channel).cloned().ok_or_else(|| {
-            EngineError::Internal(format!("channel {} is not configured", a.channel))
-        })
-    }
-
-    async fn open_attempt(
+    pub(crate) async fn open_attempt(
         &self,
         payment_id: PaymentId,
     ) -> Result<Option<AttemptRecord>, EngineError> {
@@ -494,7 +514,7 @@ impl Engine {
         let req = self.query_request(&payment, &attempt)?;
         let now = self.now_ms();
         let expired = now >= payment.expires_at_ms;
-        let Ok(_permit) = self.channel_permit(connector.name()).await else {
+        let Ok(_permit) = self.channel_permit(&Engine::bulkhead_key(&attempt)).await else {
             // The channel is saturated: ask again shortly instead of piling on.
             self.store
                 .update_job(&JobUpdate::Schedule {
@@ -506,6 +526,11 @@ impl Engine {
                 .await?;
             return Ok(());
         };
+        if crate::barcode::is_payment_code(&payment) {
+            return self
+                .sync_barcode(job, payment, attempt, connector, req)
+                .await;
+        }
         let started = Instant::now();
         let (op, call) = if expired {
             ("close", connector.close(&req))
@@ -588,7 +613,7 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal(format!("payment {payment_id} has no attempt")))?;
         let connector = self.connector_for(&attempt)?;
         let req = self.query_request(&payment, &attempt)?;
-        let _permit = self.channel_permit(connector.name()).await?;
+        let _permit = self.channel_permit(&Engine::bulkhead_key(&attempt)).await?;
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.channel_timeout(), connector.query(&req))
             .await
@@ -620,7 +645,7 @@ impl Engine {
         })?;
         let connector = self.connector_for(&attempt)?;
         let req = self.query_request(&payment, &attempt)?;
-        let _permit = self.channel_permit(connector.name()).await?;
+        let _permit = self.channel_permit(&Engine::bulkhead_key(&attempt)).await?;
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.channel_timeout(), connector.close(&req))
             .await

@@ -53,6 +53,20 @@ pub async fn run_sync_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<
     tracing::info!("status-sync worker stopped");
 }
 
+/// Re-reads the channel accounts every `ACCOUNTS_REFRESH_MS`, so accounts created or disabled
+/// through another process take effect here too.
+pub async fn run_accounts_refresher(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        wait(&mut shutdown, crate::channel_accounts::ACCOUNTS_REFRESH_MS).await;
+        if *shutdown.borrow() {
+            break;
+        }
+        if let Err(e) = engine.reload_channel_accounts().await {
+            tracing::warn!(error = %e, "cannot refresh the channel accounts");
+        }
+    }
+}
+
 /// Rows of each kind one prune call deletes: each call is one write on the shared writer, so
 /// it must stay short.
 const PRUNE_BATCH_ROWS: u32 = 2_000;

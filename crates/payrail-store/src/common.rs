@@ -9,7 +9,9 @@ pub(crate) const APP_COLS: &str = "id, merchant_id, name, key_id, secret_ciphert
 
 pub(crate) const PAYMENT_COLS: &str = "id, merchant_id, app_id, out_trade_no, amount_minor, currency, subject, method, channel, status, version, notify_url, metadata, channel_trade_no, failure_code, failure_message, idempotency_key, request_hash, expires_at_ms, paid_at_ms, created_at_ms, updated_at_ms";
 
-pub(crate) const ATTEMPT_COLS: &str = "id, payment_id, merchant_id, channel, status, version, channel_trade_no, failure_code, failure_message, created_at_ms, updated_at_ms";
+pub(crate) const ATTEMPT_COLS: &str = "id, payment_id, merchant_id, channel, status, version, channel_trade_no, failure_code, failure_message, created_at_ms, updated_at_ms, channel_account_id";
+
+pub(crate) const CHANNEL_ACCOUNT_COLS: &str = "id, channel, name, status, priority, config, secrets_ciphertext, version, created_at_ms, updated_at_ms";
 
 pub(crate) const JOB_COLS: &str = "kind, subject_id, run_at_ms, attempts, created_at_ms";
 

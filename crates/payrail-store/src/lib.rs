@@ -19,7 +19,7 @@ pub mod sqlite;
 pub use records::*;
 
 use async_trait::async_trait;
-use payrail_domain::{MerchantId, PaymentId};
+use payrail_domain::{AttemptId, ChannelAccountId, MerchantId, PaymentId};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,8 @@ pub trait Store: Send + Sync + 'static {
         starting_after: Option<PaymentId>,
     ) -> Result<Vec<PaymentRecord>>;
     async fn get_attempts(&self, payment_id: PaymentId) -> Result<Vec<AttemptRecord>>;
+    /// One attempt by its id (a channel notification names the attempt).
+    async fn get_attempt(&self, id: AttemptId) -> Result<Option<AttemptRecord>>;
     /// Applies a status change to an attempt and its payment if both still have the expected
     /// versions; writes the event and adjusts the job in the same transaction. `Ok(false)` means
     /// another writer got there first: nothing was written; reload and decide again.
@@ -106,6 +108,21 @@ pub trait Store: Send + Sync + 'static {
     /// Counts payments per status for one merchant (benchmark verification, reports).
     async fn count_payments_by_status(&self, merchant_id: MerchantId)
         -> Result<Vec<(String, i64)>>;
+
+    // --- channel accounts -----------------------------------------------------------------
+    async fn insert_channel_account(&self, a: &ChannelAccountRecord) -> Result<()>;
+    async fn get_channel_account(
+        &self,
+        id: ChannelAccountId,
+    ) -> Result<Option<ChannelAccountRecord>>;
+    /// All accounts, active and disabled, by id.
+    async fn list_channel_accounts(&self) -> Result<Vec<ChannelAccountRecord>>;
+    async fn set_channel_account_status(
+        &self,
+        id: ChannelAccountId,
+        status: ChannelAccountStatus,
+        now_ms: i64,
+    ) -> Result<Option<ChannelAccountRecord>>;
 
     // --- jobs -----------------------------------------------------------------------------
     /// Leases up to `limit` due jobs of `kind`: each becomes invisible to other workers for

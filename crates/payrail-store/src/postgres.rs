@@ -249,6 +249,27 @@ fn attempt_row(r: &Row) -> Result<AttemptRecord> {
         failure_message: get(r, 8)?,
         created_at_ms: get(r, 9)?,
         updated_at_ms: get(r, 10)?,
+        channel_account_id: get::<Option<&str>>(r, 11)?
+            .map(|s| {
+                s.parse()
+                    .map_err(|_| StoreError::Corrupt(format!("bad id {s}")))
+            })
+            .transpose()?,
+    })
+}
+
+fn channel_account_row(r: &Row) -> Result<ChannelAccountRecord> {
+    Ok(ChannelAccountRecord {
+        id: get_id(r, 0)?,
+        channel: get(r, 1)?,
+        name: get(r, 2)?,
+        status: get_enum(r, 3, ChannelAccountStatus::parse)?,
+        priority: get(r, 4)?,
+        config: get(r, 5)?,
+        secrets_ciphertext: get(r, 6)?,
+        version: get(r, 7)?,
+        created_at_ms: get(r, 8)?,
+        updated_at_ms: get(r, 9)?,
     })
 }
 
@@ -509,6 +530,90 @@ impl Store for PgStore {
         map_rows(rows, merchant_row)
     }
 
+    async fn get_attempt(&self, id: AttemptId) -> Result<Option<AttemptRecord>> {
+        let c = self.client().await?;
+        let row = query_opt(
+            &c,
+            &format!("SELECT {ATTEMPT_COLS} FROM payment_attempts WHERE id = $1"),
+            &[&id.to_string()],
+        )
+        .await?;
+        row.map(|r| attempt_row(&r)).transpose()
+    }
+
+    async fn insert_channel_account(&self, a: &ChannelAccountRecord) -> Result<()> {
+        let c = self.client().await?;
+        execute(
+            &c,
+            &format!(
+                "INSERT INTO channel_accounts ({CHANNEL_ACCOUNT_COLS}) VALUES ({})",
+                placeholders(10)
+            ),
+            &[
+                &a.id.to_string(),
+                &a.channel,
+                &a.name,
+                &a.status.as_str(),
+                &a.priority,
+                &a.config,
+                &a.secrets_ciphertext,
+                &a.version,
+                &a.created_at_ms,
+                &a.updated_at_ms,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get_channel_account(
+        &self,
+        id: ChannelAccountId,
+    ) -> Result<Option<ChannelAccountRecord>> {
+        let c = self.client().await?;
+        let row = query_opt(
+            &c,
+            &format!("SELECT {CHANNEL_ACCOUNT_COLS} FROM channel_accounts WHERE id = $1"),
+            &[&id.to_string()],
+        )
+        .await?;
+        row.map(|r| channel_account_row(&r)).transpose()
+    }
+
+    async fn list_channel_accounts(&self) -> Result<Vec<ChannelAccountRecord>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            &format!("SELECT {CHANNEL_ACCOUNT_COLS} FROM channel_accounts ORDER BY id"),
+            &[],
+        )
+        .await?;
+        map_rows(rows, channel_account_row)
+    }
+
+    async fn set_channel_account_status(
+        &self,
+        id: ChannelAccountId,
+        status: ChannelAccountStatus,
+        now_ms: i64,
+    ) -> Result<Option<ChannelAccountRecord>> {
+        let c = self.client().await?;
+        let id = id.to_string();
+        execute(
+            &c,
+            "UPDATE channel_accounts SET status = $1, version = version + 1, updated_at_ms = $2 WHERE id = $3 AND status <> $1",
+            &[&status.as_str(), &now_ms, &id],
+        )
+        .await?;
+        let row = query_opt(
+            &c,
+            &format!("SELECT {CHANNEL_ACCOUNT_COLS} FROM channel_accounts WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+        row.map(|r| channel_account_row(&r)).transpose()
+    }
+
     async fn set_merchant_status(
         &self,
         id: MerchantId,
@@ -673,7 +778,7 @@ impl Store for PgStore {
             &tx,
             &format!(
                 "INSERT INTO payment_attempts ({ATTEMPT_COLS}) VALUES ({})",
-                placeholders(11)
+                placeholders(12)
             ),
             &[
                 &a.id.to_string(),
@@ -687,6 +792,7 @@ impl Store for PgStore {
                 &a.failure_message,
                 &a.created_at_ms,
                 &a.updated_at_ms,
+                &a.channel_account_id.map(|i| i.to_string()),
             ],
         )
         .await?;

@@ -1,7 +1,9 @@
 //! Rows as the store reads and writes them. Amounts are integer minor units; times are Unix
 //! milliseconds.
 
-use payrail_domain::{AppId, AttemptId, AttemptStatus, MerchantId, PaymentId, PaymentStatus};
+use payrail_domain::{
+    AppId, AttemptId, AttemptStatus, ChannelAccountId, MerchantId, PaymentId, PaymentStatus,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MerchantStatus {
@@ -150,6 +152,50 @@ pub struct AttemptRecord {
     pub channel_trade_no: Option<String>,
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// The channel account the attempt was sent to (`None`: a built-in channel).
+    pub channel_account_id: Option<ChannelAccountId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelAccountStatus {
+    /// Takes new payments.
+    Active,
+    /// Takes no new payments; still serves its existing ones (queries, refunds, notifications).
+    Disabled,
+}
+
+impl ChannelAccountStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ChannelAccountStatus::Active => "active",
+            ChannelAccountStatus::Disabled => "disabled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(ChannelAccountStatus::Active),
+            "disabled" => Some(ChannelAccountStatus::Disabled),
+            _ => None,
+        }
+    }
+}
+
+/// A channel account as stored. `config` is JSON of the public settings; the private keys are
+/// only in `secrets_ciphertext` (AEAD under the master key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelAccountRecord {
+    pub id: ChannelAccountId,
+    /// `wechatpay`, `alipay`, `unionpay`.
+    pub channel: String,
+    pub name: String,
+    pub status: ChannelAccountStatus,
+    /// Higher first when several accounts serve a method.
+    pub priority: i64,
+    pub config: String,
+    pub secrets_ciphertext: String,
+    pub version: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }

@@ -151,6 +151,30 @@ DROP TABLE request_nonces;
 CREATE INDEX alerts_by_subject ON alerts (kind, subject_id);
 "#,
     },
+    Migration {
+        version: 6,
+        name: "channel accounts",
+        sql: r#"
+-- An operator-configured account at a channel. `config` holds the public settings (endpoint,
+-- merchant ids, the channel's public key); `secrets_ciphertext` the private keys, encrypted
+-- under the master key and bound to the account id.
+CREATE TABLE channel_accounts (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('active', 'disabled')),
+    priority BIGINT NOT NULL,
+    config TEXT NOT NULL,
+    secrets_ciphertext TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+-- Which account an attempt went to: queries, closes, cancels and refunds must go to the same
+-- one, even after the account is disabled for new payments. NULL for built-in channels.
+ALTER TABLE payment_attempts ADD COLUMN channel_account_id TEXT;
+"#,
+    },
 ];
 
 pub const SQLITE_SERIAL: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";

@@ -415,6 +415,23 @@ fn attempt_row(r: &Row<'_>) -> rusqlite::Result<AttemptRecord> {
         failure_message: r.get(8)?,
         created_at_ms: r.get(9)?,
         updated_at_ms: r.get(10)?,
+        channel_account_id: r.get::<_, Option<String>>(11)?.map(parse_id).transpose()?,
+    })
+}
+
+fn channel_account_row(r: &Row<'_>) -> rusqlite::Result<ChannelAccountRecord> {
+    let status: String = r.get(3)?;
+    Ok(ChannelAccountRecord {
+        id: parse_id(r.get(0)?)?,
+        channel: r.get(1)?,
+        name: r.get(2)?,
+        status: ChannelAccountStatus::parse(&status).ok_or_else(|| conv_err(status))?,
+        priority: r.get(4)?,
+        config: r.get(5)?,
+        secrets_ciphertext: r.get(6)?,
+        version: r.get(7)?,
+        created_at_ms: r.get(8)?,
+        updated_at_ms: r.get(9)?,
     })
 }
 
@@ -757,12 +774,13 @@ impl Store for SqliteStore {
             }
             let a = &new.attempt;
             c.prepare_cached(&format!(
-                "INSERT INTO payment_attempts ({ATTEMPT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                "INSERT INTO payment_attempts ({ATTEMPT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
             ))
             .and_then(|mut s| {
                 s.execute(params![
                     a.id.to_string(), a.payment_id.to_string(), a.merchant_id.to_string(), a.channel, a.status.as_str(),
-                    a.version, a.channel_trade_no, a.failure_code, a.failure_message, a.created_at_ms, a.updated_at_ms
+                    a.version, a.channel_trade_no, a.failure_code, a.failure_message, a.created_at_ms, a.updated_at_ms,
+                    a.channel_account_id.map(|i| i.to_string())
                 ])
             })
             .map_err(db_err)?;
@@ -860,6 +878,85 @@ impl Store for SqliteStore {
                 .query_map([payment_id.to_string()], attempt_row)
                 .map_err(db_err)?;
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn get_attempt(&self, id: AttemptId) -> Result<Option<AttemptRecord>> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {ATTEMPT_COLS} FROM payment_attempts WHERE id = ?1"
+            ))
+            .and_then(|mut s| s.query_row([id.to_string()], attempt_row).optional())
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn insert_channel_account(&self, a: &ChannelAccountRecord) -> Result<()> {
+        let a = a.clone();
+        self.write(move |c| {
+            c.execute(
+                &format!("INSERT INTO channel_accounts ({CHANNEL_ACCOUNT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    a.id.to_string(), a.channel, a.name, a.status.as_str(), a.priority, a.config,
+                    a.secrets_ciphertext, a.version, a.created_at_ms, a.updated_at_ms
+                ],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_channel_account(
+        &self,
+        id: ChannelAccountId,
+    ) -> Result<Option<ChannelAccountRecord>> {
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {CHANNEL_ACCOUNT_COLS} FROM channel_accounts WHERE id = ?1"),
+                [id.to_string()],
+                channel_account_row,
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn list_channel_accounts(&self) -> Result<Vec<ChannelAccountRecord>> {
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(&format!(
+                    "SELECT {CHANNEL_ACCOUNT_COLS} FROM channel_accounts ORDER BY id"
+                ))
+                .map_err(db_err)?;
+            let rows = s.query_map([], channel_account_row).map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn set_channel_account_status(
+        &self,
+        id: ChannelAccountId,
+        status: ChannelAccountStatus,
+        now_ms: i64,
+    ) -> Result<Option<ChannelAccountRecord>> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE channel_accounts SET status = ?1, version = version + 1, updated_at_ms = ?2 WHERE id = ?3 AND status <> ?1",
+                params![status.as_str(), now_ms, id.to_string()],
+            )
+            .map_err(db_err)?;
+            c.query_row(
+                &format!("SELECT {CHANNEL_ACCOUNT_COLS} FROM channel_accounts WHERE id = ?1"),
+                [id.to_string()],
+                channel_account_row,
+            )
+            .optional()
+            .map_err(db_err)
         })
         .await
     }

@@ -10,7 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use payrail_domain::{
-    AppId, AttemptId, AttemptStatus, EventId, MerchantId, PaymentId, PaymentStatus,
+    AppId, AttemptId, AttemptStatus, ChannelAccountId, EventId, MerchantId, PaymentId,
+    PaymentStatus,
 };
 use payrail_store::*;
 use std::collections::{BTreeSet, HashSet};
@@ -110,6 +111,7 @@ fn new_payment_at(merchant_id: MerchantId, out_trade_no: &str, t: i64) -> NewPay
             failure_message: None,
             created_at_ms: t,
             updated_at_ms: t,
+            channel_account_id: None,
         },
         job: Some(NewJob {
             kind: SYNC.into(),
@@ -1364,6 +1366,59 @@ async fn check_alerts_newest_first(store: DynStore) {
     );
 }
 
+async fn check_channel_accounts_and_attempt_lookup(store: DynStore) {
+    let account = |n: u8, t: i64| ChannelAccountRecord {
+        id: ChannelAccountId::generate(t as u64, [n; 10]),
+        channel: "wechatpay".into(),
+        name: format!("wx {n}"),
+        status: ChannelAccountStatus::Active,
+        priority: i64::from(n),
+        config: r#"{"mchid":"1900000109"}"#.into(),
+        secrets_ciphertext: "v1:ciphertext".into(),
+        version: 1,
+        created_at_ms: t,
+        updated_at_ms: t,
+    };
+    let (a, b) = (account(1, T0), account(2, T0 + 1));
+    store.insert_channel_account(&b).await.unwrap();
+    store.insert_channel_account(&a).await.unwrap();
+    assert_eq!(
+        store.list_channel_accounts().await.unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(
+        store.get_channel_account(a.id).await.unwrap(),
+        Some(a.clone())
+    );
+    let disabled = store
+        .set_channel_account_status(a.id, ChannelAccountStatus::Disabled, T0 + 5)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (disabled.status, disabled.version, disabled.updated_at_ms),
+        (ChannelAccountStatus::Disabled, 2, T0 + 5)
+    );
+    // Setting the status it has already changes nothing.
+    let again = store
+        .set_channel_account_status(a.id, ChannelAccountStatus::Disabled, T0 + 9)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, disabled);
+
+    // An attempt remembers its account, and is found by its own id.
+    let m = merchant_at(T0).id;
+    let mut new = new_payment(m, "via-account");
+    new.attempt.channel_account_id = Some(b.id);
+    create(&store, &new).await;
+    let found = store.get_attempt(new.attempt.id).await.unwrap().unwrap();
+    assert_eq!(found, new.attempt);
+    assert_eq!(found.channel_account_id, Some(b.id));
+    let other = AttemptId::generate(T0 as u64, rand10());
+    assert!(store.get_attempt(other).await.unwrap().is_none());
+}
+
 async fn check_alert_once_per_subject(store: DynStore) {
     let alert = |subject: &str, t| AlertRecord {
         kind: "payment_unresolved".into(),
@@ -1686,6 +1741,7 @@ conformance! {
         check_concurrent_leases_hand_out_each_job_once,
         check_alerts_newest_first,
         check_alert_once_per_subject,
+        check_channel_accounts_and_attempt_lookup,
         check_prune,
     ],
     urls: [

@@ -25,6 +25,7 @@ pub struct FileConfig {
     pub sync_lease_ms: Option<i64>,
     pub worker_poll_ms: Option<u64>,
     pub channel_concurrency_max: Option<usize>,
+    pub public_url: Option<String>,
     pub channel_queue_ms: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
     pub demo_merchant: Option<bool>,
@@ -61,6 +62,7 @@ pub const ENV_VARS: &[&str] = &[
     "PAYRAIL_DATA_DIR",
     "PAYRAIL_DATABASE_URL",
     "PAYRAIL_CHANNEL_CONCURRENCY_MAX",
+    "PAYRAIL_PUBLIC_URL",
     "PAYRAIL_CHANNEL_QUEUE_MS",
     "PAYRAIL_ROLES",
     "PAYRAIL_LOG",
@@ -228,6 +230,19 @@ impl Config {
         {
             engine.channel_queue_ms = v;
         }
+        let public_url = env("PAYRAIL_PUBLIC_URL")
+            .or(file.public_url.clone())
+            .unwrap_or_else(|| format!("http://{listen}"));
+        let public_url = public_url.trim_end_matches('/').to_string();
+        if !(public_url.starts_with("http://") || public_url.starts_with("https://"))
+            || public_url.len() > 200
+            || public_url
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            bail!("public_url must be an http:// or https:// URL of at most 200 characters (where channels reach this server)");
+        }
+        engine.public_url = public_url;
         if !(1..=100_000).contains(&engine.channel_concurrency_max) {
             bail!("channel_concurrency_max must be between 1 and 100000");
         }

@@ -116,6 +116,11 @@ pub async fn build_engine(config: &Config) -> Result<Arc<Engine>> {
             other => other.to_string(),
         }))
     })?;
+    let accounts = engine
+        .reload_channel_accounts()
+        .await
+        .context("cannot load the channel accounts")?;
+    tracing::info!(accounts, "channel accounts loaded");
     Ok(engine)
 }
 
@@ -231,6 +236,10 @@ pub async fn run_server(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(payrail_engine::worker::run_accounts_refresher(
+        engine.clone(),
+        shutdown_rx.clone(),
+    ));
     if config.worker {
         tasks.spawn(payrail_engine::worker::run_sync_worker(
             engine.clone(),
