@@ -1,0 +1,530 @@
+//! The payment lifecycle through real channel protocols: the payrail server (real router on a
+//! loopback port) with channel accounts pointing at the WeChat Pay, Alipay and UnionPay
+//! emulators, over real HTTP both ways — orders go out signed, notifications come back signed
+//! to `/v1/channel-notify/{account}`. Every test is bounded in time.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use payrail_client::{nonce, Answer, Credentials, PayrailClient};
+use payrail_domain::{Clock, PaymentId, SystemClock};
+use payrail_emulator::{ChannelKind, EmulatorConfig, EmulatorHandle};
+use payrail_engine::{crypto::MasterKey, Engine, EngineConfig};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const TEST_BOUND: Duration = Duration::from_secs(30);
+
+struct H {
+    client: PayrailClient,
+    op: String,
+    engine: Arc<Engine>,
+    base: String,
+    _stop: watch::Sender<bool>,
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        channel_timeout_ms: 2_000,
+        sync_first_delay_ms: 100,
+        sync_max_delay_ms: 400,
+        worker_poll_ms: 20,
+        barcode_poll_ms: 100,
+        barcode_window_ms: 60_000,
+        ..EngineConfig::default()
+    }
+}
+
+async fn harness(mut config: EngineConfig, worker: bool) -> H {
+    let dir = std::env::temp_dir().join(format!("payrail-channels-test-{}", nonce()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("payrail.db").display());
+    let store = payrail_store::open(&url).await.unwrap();
+    // Bound first: channels must be told where to send their notifications.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    config.public_url = base.clone();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut channels = payrail_channels::Registry::new();
+    channels.register(Arc::new(payrail_channels::sandbox::Sandbox::new(
+        clock.clone(),
+    )));
+    let key = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let engine = Arc::new(Engine::new(store, channels, clock, key, config));
+    let op = format!("op_test_{}", nonce());
+    engine
+        .ensure_operator_token(Some(&payrail_domain::Secret::new(op.clone())))
+        .await
+        .unwrap();
+    let (stop, stop_rx) = watch::channel(false);
+    let app = payrail_api::app(engine.clone());
+    let mut rx = stop_rx.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.changed().await;
+            })
+            .await
+            .unwrap();
+    });
+    if worker {
+        tokio::spawn(payrail_engine::worker::run_sync_worker(
+            engine.clone(),
+            stop_rx,
+        ));
+    }
+    H {
+        client: PayrailClient::new(&base),
+        op,
+        engine,
+        base,
+        _stop: stop,
+    }
+}
+
+async fn emulator(kind: ChannelKind) -> EmulatorHandle {
+    payrail_emulator::spawn(EmulatorConfig::for_tests(kind))
+        .await
+        .unwrap()
+}
+
+/// The body that creates a channel account for `emu` (its endpoint, ids and test keys).
+fn account_body(emu: &EmulatorHandle, name: &str, priority: i64) -> Value {
+    let merchant_key = payrail_emulator::testkeys::MERCHANT_PRIVATE_PEM;
+    match emu.config.channel {
+        ChannelKind::WechatPay => json!({
+            "channel": "wechatpay", "name": name, "priority": priority,
+            "config": {
+                "base_url": emu.base_url, "mchid": emu.config.merchant_id, "appid": emu.config.app_id,
+                "merchant_serial_no": "3775B6A45ACD588826D15E583A95F5DD00000000",
+                "platform_public_key": emu.public_key_pem, "platform_serial": emu.config.platform_serial,
+                "timeout_ms": 5000
+            },
+            "secrets": {"merchant_private_key": merchant_key, "api_v3_key": emu.config.api_v3_key}
+        }),
+        ChannelKind::Alipay => json!({
+            "channel": "alipay", "name": name, "priority": priority,
+            "config": {
+                "gateway_url": format!("{}/gateway.do", emu.base_url), "app_id": emu.config.merchant_id,
+                "alipay_public_key": emu.public_key_pem, "timeout_ms": 5000
+            },
+            "secrets": {"app_private_key": merchant_key}
+        }),
+        ChannelKind::UnionPay => json!({
+            "channel": "unionpay", "name": name, "priority": priority,
+            "config": {
+                "base_url": emu.base_url, "mer_id": emu.config.merchant_id, "cert_id": "69629715588",
+                "unionpay_public_key": emu.public_key_pem, "timeout_ms": 5000
+            },
+            "secrets": {"signing_key": merchant_key}
+        }),
+    }
+}
+
+impl H {
+    async fn account(&self, emu: &EmulatorHandle) -> String {
+        let body = account_body(emu, "test account", 0);
+        let a = self
+            .client
+            .operator(
+                &self.op,
+                Method::POST,
+                "/v1/operator/channel-accounts",
+                Some(&body),
+                Some(&nonce()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 201, "{}", a.body);
+        a.body["id"].as_str().unwrap().to_string()
+    }
+
+    async fn merchant(&self) -> Credentials {
+        self.client.onboard(&self.op, "Shop").await.unwrap().1
+    }
+
+    async fn create(&self, c: &Credentials, body: Value) -> Answer {
+        self.client
+            .signed(
+                c,
+                Method::POST,
+                "/v1/payments",
+                Some(&body.to_string()),
+                Some(&nonce()),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, c: &Credentials, id: &str) -> Answer {
+        self.client
+            .signed(c, Method::GET, &format!("/v1/payments/{id}"), None, None)
+            .await
+            .unwrap()
+    }
+
+    /// The channel's order number of a payment: its attempt id.
+    async fn order_no(&self, payment_id: &str) -> String {
+        let id: PaymentId = payment_id.parse().unwrap();
+        let attempts = self.engine.store.get_attempts(id).await.unwrap();
+        attempts.last().unwrap().id.to_string()
+    }
+
+    /// Polls the payment until its status is `want` (bounded).
+    async fn wait_status(&self, c: &Credentials, id: &str, want: &str) -> Answer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = self.get(c, id).await;
+            if p.body["status"] == want {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "payment {id} is still {} (wanted {want})",
+                p.body["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn alerts(&self, kind: &str) -> Vec<payrail_store::AlertRecord> {
+        self.engine
+            .store
+            .list_alerts(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.kind == kind)
+            .collect()
+    }
+
+    /// Posts a rendered notification to an account's endpoint, as the channel would.
+    async fn post_notification(
+        &self,
+        account: &str,
+        r: &payrail_emulator::core::Rendered,
+    ) -> (u16, String) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/v1/channel-notify/{account}", self.base))
+            .header("content-type", r.content_type)
+            .body(r.body.clone());
+        for (k, v) in &r.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+}
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(TEST_BOUND, f)
+        .await
+        .expect("test took too long");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_qr_payment_completes_by_signed_notification() {
+    bounded(async {
+        let h = harness(config(), false).await;
+        let emu = emulator(ChannelKind::WechatPay).await;
+        let _account = h.account(&emu).await;
+        let c = h.merchant().await;
+        let a = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "wx-qr-1", "subject": "Tea", "method": "wechat_native"}))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["status"], "processing");
+        assert_eq!(a.body["channel"], "wechatpay");
+        assert_eq!(a.body["next_action"]["type"], "display_qr_code", "{}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        // The payer scans; the channel notifies our endpoint, which verifies and applies it.
+        let order = h.order_no(id).await;
+        emu.scan(&order).unwrap();
+        emu.flush().await;
+        let p = h.wait_status(&c, id, "succeeded").await;
+        assert!(p.body["channel_trade_no"].is_string(), "{}", p.body);
+        let d = emu.deliveries();
+        assert_eq!(d.len(), 1, "acknowledged at the first send: {d:?}");
+        assert!(d[0].acked);
+        // A repeat of the same notification is acknowledged and changes nothing.
+        let again = emu.render_payment_notification(&order).unwrap();
+        let account = h.engine.store.list_channel_accounts().await.unwrap()[0].id.to_string();
+        let (status, _) = h.post_notification(&account, &again).await;
+        assert!((200..300).contains(&status), "{status}");
+        assert_eq!(h.get(&c, id).await.body["status"], "succeeded");
+        let events = h
+            .engine
+            .store
+            .list_events(c_merchant(&h, &c).await, 0, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            events.iter().filter(|e| e.object_id == id).count(),
+            1,
+            "one event for one status change"
+        );
+        // The probe is refused (WeChat checks that endpoints verify signatures).
+        let probe = emu
+            .send_probe(&format!("{}/v1/channel-notify/{account}", h.base))
+            .await
+            .unwrap();
+        assert!(probe >= 400, "the signature probe must be refused, got {probe}");
+    })
+    .await;
+}
+
+async fn c_merchant(h: &H, c: &Credentials) -> payrail_domain::MerchantId {
+    h.engine
+        .store
+        .get_app_by_key_id(&c.key_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .merchant_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_validly_signed_notification_for_another_amount_changes_nothing() {
+    bounded(async {
+        let h = harness(config(), false).await;
+        let emu = emulator(ChannelKind::Alipay).await;
+        let account = h.account(&emu).await;
+        let c = h.merchant().await;
+        let a = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "ali-qr-1", "subject": "Tea", "method": "alipay_qr"}))
+            .await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        let order = h.order_no(id).await;
+        let tampered = emu.render_tampered_notification(&order, 1).unwrap();
+        let (status, body) = h.post_notification(&account, &tampered).await;
+        // Acknowledged (so the channel stops repeating it), but not applied.
+        assert_eq!((status, body.as_str()), (200, "success"));
+        assert_eq!(h.get(&c, id).await.body["status"], "processing");
+        let alerts = h.alerts("notification_mismatch").await;
+        assert_eq!(alerts.len(), 1);
+        assert!(alerts[0].detail.contains("amount"), "{}", alerts[0].detail);
+        // A notification with a bad signature is refused outright.
+        let mut forged = emu.render_payment_notification(&order).unwrap();
+        forged.body = String::from_utf8(forged.body)
+            .unwrap()
+            .replace("total_amount=10.00", "total_amount=10.01")
+            .into_bytes();
+        let (status, body) = h.post_notification(&account, &forged).await;
+        assert!(status != 200 || body != "success", "a forged notification was accepted");
+        assert_eq!(h.get(&c, id).await.body["status"], "processing");
+        // The genuine one is applied.
+        let genuine = emu.render_payment_notification(&order).unwrap();
+        assert_eq!(h.post_notification(&account, &genuine).await, (200, "success".into()));
+        assert_eq!(h.get(&c, id).await.body["status"], "succeeded");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_code_user_paying_then_paid_via_status_queries() {
+    bounded(async {
+        let h = harness(config(), true).await;
+        let emu = emulator(ChannelKind::Alipay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        // Amount ..02: "user paying" to the submit and two queries, then paid.
+        let a = h
+            .create(&c, json!({"amount": 1002, "currency": "CNY", "out_trade_no": "ali-code-1", "subject": "Tea", "method": "alipay_code", "auth_code": "287654321098765432"}))
+            .await;
+        assert_eq!((a.status, a.body["status"].as_str()), (200, Some("processing")), "{}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        h.wait_status(&c, id, "succeeded").await;
+        // The payment code is never stored or shown.
+        assert!(!a.body.to_string().contains("287654321098765432"));
+        // A payment-code method without the code is refused, nothing written.
+        let bad = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "ali-code-2", "subject": "Tea", "method": "alipay_code"}))
+            .await;
+        assert_eq!((bad.status, bad.error_code()), (400, Some("parameter_missing")));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_payment_code_is_cancelled_at_the_channel_after_the_window() {
+    bounded(async {
+        let cfg = EngineConfig {
+            barcode_window_ms: 1,
+            ..config()
+        };
+        let h = harness(cfg, true).await;
+        let emu = emulator(ChannelKind::WechatPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        let a = h
+            .create(&c, json!({"amount": 1002, "currency": "CNY", "out_trade_no": "wx-code-1", "subject": "Tea", "method": "wechat_code", "auth_code": "134567890123456789"}))
+            .await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        h.wait_status(&c, id, "cancelled").await;
+        let order = h.order_no(id).await;
+        let o = emu.order(&order).unwrap();
+        assert!(format!("{:?}", o.state).contains("Revoked") || format!("{:?}", o.state).contains("Reversed") || format!("{:?}", o.state).contains("Cancel"), "{o:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merchant_cancels_an_open_payment_code_payment() {
+    bounded(async {
+        let h = harness(config(), false).await;
+        let emu = emulator(ChannelKind::WechatPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        let a = h
+            .create(&c, json!({"amount": 1002, "currency": "CNY", "out_trade_no": "wx-code-2", "subject": "Tea", "method": "wechat_code", "auth_code": "134567890123456780"}))
+            .await;
+        let id = a.body["id"].as_str().unwrap();
+        let cancel = h
+            .client
+            .signed(&c, Method::POST, &format!("/v1/payments/{id}/cancel"), None, Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!((cancel.status, cancel.body["status"].as_str()), (200, Some("cancelled")), "{}", cancel.body);
+        // Cancelling again is a no-op; a QR payment's channel cannot cancel (close it instead).
+        let again = h
+            .client
+            .signed(&c, Method::POST, &format!("/v1/payments/{id}/cancel"), None, Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!(again.body["status"], "cancelled");
+        let qr = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "wx-qr-9", "subject": "Tea", "method": "wechat_native"}))
+            .await;
+        let qid = qr.body["id"].as_str().unwrap();
+        let refused = h
+            .client
+            .signed(&c, Method::POST, &format!("/v1/payments/{qid}/cancel"), None, Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!((refused.status, refused.error_code()), (409, Some("cancel_not_supported")), "{}", refused.body);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_channel_does_not_slow_the_others() {
+    bounded(async {
+        let cfg = EngineConfig {
+            channel_concurrency_max: 4,
+            channel_queue_ms: 20,
+            channel_timeout_ms: 1_500,
+            ..config()
+        };
+        let h = Arc::new(harness(cfg, false).await);
+        let wx = emulator(ChannelKind::WechatPay).await;
+        let ali = emulator(ChannelKind::Alipay).await;
+        h.account(&wx).await;
+        h.account(&ali).await;
+        let c = h.merchant().await;
+        // WeChat hangs every order (amount ..04 holds the answer 30 s): 12 of them at once.
+        let mut hanging = Vec::new();
+        for i in 0..12 {
+            let (h, c) = (h.clone(), c.clone());
+            hanging.push(tokio::spawn(async move {
+                h.create(&c, json!({"amount": 1004, "currency": "CNY", "out_trade_no": format!("wx-hang-{i}"), "subject": "Tea", "method": "wechat_native"})).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Meanwhile Alipay payments keep their latency.
+        let mut worst = Duration::ZERO;
+        for i in 0..10 {
+            let t0 = Instant::now();
+            let a = h
+                .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": format!("ali-{i}"), "subject": "Tea", "method": "alipay_qr"}))
+                .await;
+            worst = worst.max(t0.elapsed());
+            assert_eq!((a.status, a.body["status"].as_str()), (200, Some("processing")), "{}", a.body);
+        }
+        assert!(worst < Duration::from_millis(700), "an Alipay payment took {worst:?} while WeChat hung");
+        let mut statuses = std::collections::BTreeMap::new();
+        for t in hanging {
+            let a = t.await.unwrap();
+            let key = a.error_code().map_or_else(|| a.body["status"].as_str().unwrap_or("?").to_string(), str::to_string);
+            *statuses.entry(key).or_insert(0) += 1;
+        }
+        // Four took the slots and timed out as unknown (processing); the rest failed fast.
+        assert_eq!(statuses.get("processing"), Some(&4), "{statuses:?}");
+        assert_eq!(statuses.get("channel_busy"), Some(&8), "{statuses:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unionpay_web_payment_and_disabled_accounts() {
+    bounded(async {
+        let h = harness(config(), false).await;
+        let emu = emulator(ChannelKind::UnionPay).await;
+        let account = h.account(&emu).await;
+        let c = h.merchant().await;
+        let a = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "up-1", "subject": "Tea", "method": "unionpay_web", "return_url": "https://shop.example/done"}))
+            .await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        assert_eq!(a.body["next_action"]["type"], "post_form", "{}", a.body);
+        let id = a.body["id"].as_str().unwrap();
+        // The payer's browser posts the signed form to UnionPay, then pays there.
+        let form: Vec<(String, String)> = a.body["next_action"]["fields"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let page = reqwest::Client::new()
+            .post(a.body["next_action"]["url"].as_str().unwrap())
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status(), 200);
+        // UnionPay order numbers are letters and digits only: our attempt id without its `_`.
+        let order = h.order_no(id).await.replace('_', "");
+        emu.scan(&order).unwrap();
+        emu.flush().await;
+        h.wait_status(&c, id, "succeeded").await;
+        // The account's keys never come back.
+        let got = h
+            .client
+            .operator(&h.op, Method::GET, &format!("/v1/operator/channel-accounts/{account}"), None, None)
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200);
+        assert!(!got.body.to_string().contains("PRIVATE KEY"), "{}", got.body);
+        assert!(got.body["notify_url"].as_str().unwrap().ends_with(&account));
+        // Disabled: no new payments through it, but its payments stay reachable.
+        let d = h
+            .client
+            .operator(&h.op, Method::POST, &format!("/v1/operator/channel-accounts/{account}/disable"), None, Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!(d.body["status"], "disabled", "{}", d.body);
+        let refused = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "up-2", "subject": "Tea", "method": "unionpay_web"}))
+            .await;
+        assert_eq!((refused.status, refused.error_code()), (400, Some("method_not_available")), "{}", refused.body);
+        let r = h
+            .client
+            .operator(&h.op, Method::POST, &format!("/v1/operator/payments/{id}/requery"), None, Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!(r.body["status"], "succeeded", "{}", r.body);
+        // An account with keys that do not parse is refused and nothing is stored.
+        let mut bad = account_body(&emu, "broken", 0);
+        bad["secrets"]["signing_key"] = json!("not a key");
+        let b = h
+            .client
+            .operator(&h.op, Method::POST, "/v1/operator/channel-accounts", Some(&bad), Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!(b.status, 400, "{}", b.body);
+        assert_eq!(h.engine.store.list_channel_accounts().await.unwrap().len(), 1);
+    })
+    .await;
+}
