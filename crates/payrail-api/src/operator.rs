@@ -30,6 +30,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/operator/payments/{id}", get(get_payment))
         .route("/v1/operator/payments/{id}/requery", post(requery))
+        .route("/v1/operator/payments/requery", post(requery_batch))
         .route("/v1/operator/alerts", get(list_alerts))
 }
 
@@ -230,6 +231,75 @@ async fn requery(
         Ok(Reply::ok(payment_json(&p, None)))
     })
     .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequeryBatchBody {
+    payment_ids: Option<Vec<String>>,
+    open: Option<bool>,
+    limit: Option<u32>,
+}
+
+/// Re-queries the payments named, or the open ones (`"open": true`), at most 1000.
+async fn requery_batch(State(engine): State<AppState>, op: Operator) -> Result<Response, ApiError> {
+    let b: RequeryBatchBody = parse_json(&op.body)?;
+    let max = payrail_engine::payments::REQUERY_BATCH_MAX;
+    let limit = b.limit.map_or(100, |l| l as usize);
+    if limit == 0 || limit > max {
+        return Err(ApiError::invalid(
+            "parameter_out_of_range",
+            format!("limit must be between 1 and {max}"),
+        )
+        .with_param("limit"));
+    }
+    let ids = match (b.payment_ids, b.open.unwrap_or(false)) {
+        (Some(ids), false) if !ids.is_empty() && ids.len() <= max => ids
+            .iter()
+            .map(|s| {
+                s.parse::<PaymentId>().map_err(|_| {
+                    ApiError::invalid("parameter_invalid", format!("{s:?} is not a payment id"))
+                        .with_param("payment_ids")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, true) => Vec::new(),
+        _ => {
+            return Err(ApiError::invalid(
+                "parameter_invalid",
+                format!("send either payment_ids (1-{max} ids) or \"open\": true"),
+            ))
+        }
+    };
+    let open = ids.is_empty();
+    idempotent(&engine, op.mutation(), move |engine, _claim| async move {
+        let ids = if open {
+            engine.open_payment_ids(limit).await?
+        } else {
+            ids
+        };
+        let results = engine.requery_batch(ids, |_| {}).await;
+        let data: Vec<Value> = results
+            .iter()
+            .map(|(id, r)| match r {
+                Ok(p) => json!({"id": id.to_string(), "status": p.status.as_str(), "error": null}),
+                Err(e) => json!({"id": id.to_string(), "status": null, "error": error_code(e)}),
+            })
+            .collect();
+        Ok(Reply::ok(json!({"object": "list", "data": data})))
+    })
+    .await
+}
+
+/// A stable code for one failed re-query in a batch answer.
+fn error_code(e: &payrail_engine::EngineError) -> &'static str {
+    use payrail_engine::EngineError as E;
+    match e {
+        E::NotFound(_) => "not_found",
+        E::ChannelBusy(_) => "channel_busy",
+        E::ChannelUnconfirmed(_) => "channel_unconfirmed",
+        _ => "internal_error",
+    }
 }
 
 async fn list_alerts(

@@ -1463,3 +1463,83 @@ both!(
         );
     }
 );
+
+both!(operators_requery_open_payments_in_a_batch, |b| async move {
+    let Some(h) = harness(b).await else { return };
+    let (_, c) = h.merchant("Shop").await;
+    // Sandbox ..02: processing, paid 3 s after submission; ..00: succeeded at once.
+    let open1 = h.create(&c, 1002, "b1").await;
+    let open2 = h.create(&c, 2002, "b2").await;
+    let done = h.create(&c, 1000, "b3").await;
+    assert_eq!(open1.body["status"], "processing");
+    assert_eq!(done.body["status"], "succeeded");
+    h.clock.advance_ms(3_100);
+    let r = h
+        .client
+        .operator(
+            &h.op,
+            Method::POST,
+            "/v1/operator/payments/requery",
+            Some(&json!({"open": true})),
+            Some(&nonce()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut got: Vec<(String, String)> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["id"].as_str().unwrap().to_string(),
+                x["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (
+            open1.body["id"].as_str().unwrap().to_string(),
+            "succeeded".to_string(),
+        ),
+        (
+            open2.body["id"].as_str().unwrap().to_string(),
+            "succeeded".to_string(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(got, want, "only the open payments, now resolved");
+    // Named ids; a bad id is a 400 and nothing runs.
+    let named = h
+        .client
+        .operator(
+            &h.op,
+            Method::POST,
+            "/v1/operator/payments/requery",
+            Some(&json!({"payment_ids": [done.body["id"]]})),
+            Some(&nonce()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        named.body["data"][0]["status"], "succeeded",
+        "{}",
+        named.body
+    );
+    let bad = h
+        .client
+        .operator(
+            &h.op,
+            Method::POST,
+            "/v1/operator/payments/requery",
+            Some(&json!({"payment_ids": ["nope"]})),
+            Some(&nonce()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (bad.status, bad.error_code()),
+        (400, Some("parameter_invalid"))
+    );
+});

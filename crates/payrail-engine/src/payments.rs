@@ -701,3 +701,71 @@ impl Engine {
         Ok((rows, has_more))
     }
 }
+
+/// Most payments one batch re-query takes.
+pub const REQUERY_BATCH_MAX: usize = 1_000;
+/// Re-queries of one batch in flight at once (each holds a channel call slot).
+const REQUERY_CONCURRENCY: usize = 8;
+
+impl Engine {
+    /// The open payments (each has a status-sync job), soonest due first.
+    pub async fn open_payment_ids(&self, limit: usize) -> Result<Vec<PaymentId>, EngineError> {
+        let limit = u32::try_from(limit.min(REQUERY_BATCH_MAX)).unwrap_or(0);
+        Ok(self
+            .store
+            .list_job_subjects(JOB_PAYMENT_SYNC, limit)
+            .await?
+            .into_iter()
+            .filter_map(|s| s.parse().ok())
+            .collect())
+    }
+
+    /// Re-queries many payments at the channel (the operator's batch re-query), a few at a
+    /// time; `progress` is called after each. The answers come back in the order given.
+    pub async fn requery_batch(
+        self: &std::sync::Arc<Self>,
+        ids: Vec<PaymentId>,
+        progress: impl Fn(usize) + Send + Sync + 'static,
+    ) -> Vec<(PaymentId, Result<PaymentRecord, EngineError>)> {
+        let ids: Vec<PaymentId> = ids.into_iter().take(REQUERY_BATCH_MAX).collect();
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(REQUERY_CONCURRENCY));
+        let progress = std::sync::Arc::new(progress);
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut set = tokio::task::JoinSet::new();
+        for (i, id) in ids.iter().copied().enumerate() {
+            let (engine, permits, progress, done) = (
+                self.clone(),
+                permits.clone(),
+                progress.clone(),
+                done.clone(),
+            );
+            set.spawn(async move {
+                let _p = permits.acquire_owned().await;
+                let r = engine.requery_payment(id).await;
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                progress(n.saturating_add(1));
+                (i, id, r)
+            });
+        }
+        let mut out: Vec<Option<(PaymentId, Result<PaymentRecord, EngineError>)>> =
+            ids.iter().map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, id, r)) = joined {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some((id, r));
+                }
+            }
+        }
+        out.into_iter()
+            .zip(ids)
+            .map(|(r, id)| {
+                r.unwrap_or_else(|| {
+                    (
+                        id,
+                        Err(EngineError::Internal("re-query task failed".into())),
+                    )
+                })
+            })
+            .collect()
+    }
+}

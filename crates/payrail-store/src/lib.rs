@@ -136,6 +136,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<JobRecord>>;
     async fn update_job(&self, update: &JobUpdate) -> Result<()>;
     async fn count_jobs(&self, kind: &str) -> Result<i64>;
+    /// Subjects of up to `limit` jobs of `kind`, soonest due first (for example the open
+    /// payments, each of which has a status-sync job). Read-only: leases nothing.
+    async fn list_job_subjects(&self, kind: &str, limit: u32) -> Result<Vec<String>>;
 
     // --- events and alerts ----------------------------------------------------------------
     async fn list_events(

@@ -1023,6 +1023,17 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn list_job_subjects(&self, kind: &str, limit: u32) -> Result<Vec<String>> {
+        let c = self.client().await?;
+        let rows = query(
+            &c,
+            "SELECT subject_id FROM jobs WHERE kind = $1 ORDER BY run_at_ms, subject_id LIMIT $2",
+            &[&kind, &i64::from(limit)],
+        )
+        .await?;
+        rows.iter().map(|r| get::<String>(r, 0)).collect()
+    }
+
     async fn insert_alert_once(&self, a: &AlertRecord) -> Result<bool> {
         let c = self.client().await?;
         let n = execute(

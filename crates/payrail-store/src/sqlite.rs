@@ -1096,6 +1096,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_job_subjects(&self, kind: &str, limit: u32) -> Result<Vec<String>> {
+        let kind = kind.to_string();
+        self.read(move |c| {
+            let mut s = c
+                .prepare_cached(
+                    "SELECT subject_id FROM jobs WHERE kind = ?1 ORDER BY run_at_ms, subject_id LIMIT ?2",
+                )
+                .map_err(db_err)?;
+            let rows = s
+                .query_map(params![kind, limit], |r| r.get::<_, String>(0))
+                .map_err(db_err)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
+        })
+        .await
+    }
+
     async fn insert_alert_once(&self, a: &AlertRecord) -> Result<bool> {
         let a = a.clone();
         self.write(move |c| {

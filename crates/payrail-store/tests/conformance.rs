@@ -1419,6 +1419,38 @@ async fn check_channel_accounts_and_attempt_lookup(store: DynStore) {
     assert!(store.get_attempt(other).await.unwrap().is_none());
 }
 
+async fn check_list_job_subjects(store: DynStore) {
+    for (subject, run_at) in [("c", 30), ("a", 10), ("b", 20)] {
+        store
+            .update_job(&JobUpdate::Schedule {
+                kind: "k".into(),
+                subject_id: subject.into(),
+                run_at_ms: run_at,
+                last_error: None,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store.list_job_subjects("k", 10).await.unwrap(),
+        vec!["a", "b", "c"]
+    );
+    assert_eq!(
+        store.list_job_subjects("k", 2).await.unwrap(),
+        vec!["a", "b"]
+    );
+    assert!(store
+        .list_job_subjects("other", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // Reading leases nothing.
+    assert_eq!(
+        store.lease_jobs("k", 100, 1_000, 10).await.unwrap().len(),
+        3
+    );
+}
+
 async fn check_alert_once_per_subject(store: DynStore) {
     let alert = |subject: &str, t| AlertRecord {
         kind: "payment_unresolved".into(),
@@ -1741,6 +1773,7 @@ conformance! {
         check_concurrent_leases_hand_out_each_job_once,
         check_alerts_newest_first,
         check_alert_once_per_subject,
+        check_list_job_subjects,
         check_channel_accounts_and_attempt_lookup,
         check_prune,
     ],

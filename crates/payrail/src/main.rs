@@ -7,6 +7,7 @@ mod bench;
 mod config;
 mod demo;
 mod emulate;
+mod requery;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -65,6 +66,13 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure create-payment throughput and latency over real HTTP, then verify every payment.
     Bench(bench::BenchArgs),
+    /// Ask the channels again about open (or named) payments and apply their answers.
+    Requery {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        args: requery::RequeryArgs,
+    },
     /// Run a channel emulator (wechatpay, alipay or unionpay) on loopback for demos and tests.
     Emulate(emulate::EmulateArgs),
 }
@@ -88,6 +96,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Emulate(a) => emulate::run(a).await,
+            Command::Requery { server, args } => requery::run(server.overrides(), args).await,
         }
     });
     match result {

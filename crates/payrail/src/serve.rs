@@ -25,7 +25,7 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn load_config(o: &Overrides) -> Result<Config> {
+pub fn load_config(o: &Overrides) -> Result<Config> {
     Config::load(o).map_err(|e| anyhow::Error::new(ConfigError(format!("{e:#}"))))
 }
 

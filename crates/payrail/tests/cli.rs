@@ -114,3 +114,17 @@ fn a_changed_master_key_is_refused_at_start() {
     assert!(stderr.contains("master key does not match"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn requery_needs_ids_or_open_and_runs_on_a_fresh_database() {
+    let (code, _, stderr) = payrail(&["requery"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--open"), "{stderr}");
+    let (code, _, stderr) = payrail(&["requery", "not-an-id"], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not a payment id"), "{stderr}");
+    // No open payments yet: nothing to do, success.
+    let (code, stdout, stderr) = payrail(&["requery", "--open"], &[("PAYRAIL_LOG", "warn")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("re-queried 0 payment(s)"), "{stdout}");
+}
