@@ -233,7 +233,7 @@ impl Engine {
         })
     }
 
-    fn channel_timeout(&self) -> Duration {
+    pub(crate) fn channel_timeout(&self) -> Duration {
         Duration::from_millis(self.config.channel_timeout_ms)
     }
 
@@ -444,7 +444,10 @@ impl Engine {
         })
     }
 
-    fn connector_for(&self, a: &AttemptRecord) -> Result<Arc<dyn Connector>, EngineError> {
+    pub(crate) fn connector_for(
+        &self,
+        a: &AttemptRecord,
+    ) -> Result<Arc<dyn Connector>, EngineError> {
         self.channels.get(&a.channel).cloned().ok_or_else(|| {
             EngineError::Internal(format!("channel {} is not configured", a.channel))
         })
