@@ -1802,6 +1802,34 @@ both!(
         assert_eq!(obj["app_id"], paid.body["app_id"]);
         assert_eq!(obj["notify_url"], "https://shop.example/n");
         assert_eq!(obj["status"], "succeeded");
+
+        // The OpenAPI document describes the refund routes and every refund error code.
+        let (_, o) = h.client.get("/openapi.json").await.unwrap();
+        let o: Value = serde_json::from_str(&o).unwrap();
+        for path in [
+            "/v1/refunds",
+            "/v1/refunds/{id}",
+            "/v1/operator/refunds/{id}/requery",
+        ] {
+            assert!(o["paths"][path].is_object(), "{path}");
+        }
+        let codes = o["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+            ["code"]["enum"]
+            .as_array()
+            .unwrap()
+            .clone();
+        for code in [
+            "currency_mismatch",
+            "duplicate_out_refund_no",
+            "payment_not_refundable",
+            "refund_exceeds_payment",
+            "refund_not_supported",
+            "partial_refund_not_supported",
+            "refund_window_expired",
+            "too_many_refunds",
+        ] {
+            assert!(codes.contains(&json!(code)), "{code} undocumented");
+        }
     }
 );
 
