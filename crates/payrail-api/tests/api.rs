@@ -2423,3 +2423,115 @@ both!(refund_notifications_are_cross_checked, |b| async move {
         (Some(302), Some(698))
     );
 });
+
+both!(
+    a_refund_retried_after_a_crash_finds_its_refund,
+    |b| async move {
+        use payrail_store::{Admission, IdempotencyClaim};
+        let Some(h) = harness(b).await else { return };
+        let (mch, c) = h.merchant("Shop").await;
+        // A payment of 1006 (5xx at submit, paid 3 s later), refunded in full with 1006 (5xx
+        // although made): the refund takes everything and its first answer is unknown.
+        let p = h.create(&c, 1006, "crash-r").await;
+        let pid = p.body["id"].as_str().unwrap().to_string();
+        h.clock.advance_ms(3_000);
+        assert_eq!(h.requery(&pid).await.body["status"], "succeeded");
+        let apps = h
+            .client
+            .operator(
+                &h.op,
+                Method::GET,
+                &format!("/v1/operator/merchants/{mch}/apps"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        let app = payrail_engine::auth::AppAuth {
+            app_id: apps.body["data"][0]["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            merchant_id: mch.parse().unwrap(),
+            key_id: c.key_id.clone(),
+            merchant_active: true,
+        };
+        let body =
+            json!({"payment_id": pid, "amount": 1006, "out_refund_no": "crash-1"}).to_string();
+        let key = "crash-refund-key";
+        let hash = payrail_engine::auth::request_hash("POST", "/v1/refunds", body.as_bytes());
+        let now = h.engine.now_ms();
+        // The first try: admitted and recorded in one write, sent, unknown; then the process
+        // died before its answer was saved.
+        let first = h
+            .engine
+            .create_refund(
+                &app,
+                payrail_engine::refunds::CreateRefund {
+                    payment_id: pid.parse().unwrap(),
+                    amount_minor: 1006,
+                    currency: None,
+                    out_refund_no: payrail_domain::input::OutRefundNo::parse("crash-1").unwrap(),
+                    reason: None,
+                    notify_url: None,
+                    metadata: payrail_domain::input::Metadata::default(),
+                },
+                Some(payrail_engine::payments::IdemRef {
+                    key,
+                    request_hash: &hash,
+                    token: "first-try",
+                }),
+                Some(Admission {
+                    now_ms: now,
+                    nonce: None,
+                    idempotency: Some(IdempotencyClaim {
+                        scope: mch.clone(),
+                        key: key.into(),
+                        request_hash: hash.clone(),
+                        now_ms: now,
+                        stale_after_ms: 60_000,
+                        token: "first-try".into(),
+                    }),
+                }),
+            )
+            .await
+            .unwrap();
+        let first = match first {
+            payrail_engine::refunds::CreateRefundResult::Done(r) => r.refund,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(first.status, payrail_domain::RefundStatus::Processing);
+        // The worker finds it made.
+        h.clock.advance_ms(1_000);
+        let jobs = h
+            .engine
+            .store
+            .lease_jobs(
+                payrail_engine::JOB_REFUND_SYNC,
+                h.engine.now_ms(),
+                30_000,
+                10,
+            )
+            .await
+            .unwrap();
+        h.engine.sync_refund(&jobs[0]).await.unwrap();
+        // While the claim is fresh, a retry is told to wait; once stale, it finds its refund —
+        // not "exceeds", although the payment has nothing left to refund.
+        let busy = h.post(&c, "/v1/refunds", Some(&body), Some(key)).await;
+        assert_eq!(busy.error_code(), Some("idempotency_key_in_use"));
+        h.clock.advance_ms(61_000);
+        let retry = h.post(&c, "/v1/refunds", Some(&body), Some(key)).await;
+        assert_eq!(retry.status, 200, "{}", retry.body);
+        assert_eq!(retry.body["id"], first.id.to_string().as_str());
+        assert_eq!(retry.body["status"], "succeeded");
+        let replay = h.post(&c, "/v1/refunds", Some(&body), Some(key)).await;
+        assert!(replay.replayed);
+        assert_eq!(replay.body, retry.body);
+        // Another request with the number is still refused as a duplicate.
+        let other = h.refund(&c, &pid, 1, "crash-1").await;
+        assert_eq!(other.error_code(), Some("duplicate_out_refund_no"));
+        assert_eq!(h.refund_count(&c, &pid).await, 1);
+        assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1006);
+    }
+);

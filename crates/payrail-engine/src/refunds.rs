@@ -309,17 +309,14 @@ impl Engine {
         let connector = self.refund_connector(&payment, &attempt)?;
         let caps = connector.capabilities();
         let now = self.now_ms();
-        // The rules that do not depend on concurrent refunds. The ceiling is checked here only
-        // against what is refunded for sure (a lower bound of what is reserved, so never too
-        // strict); the write decides it atomically.
+        // The rules that do not depend on the payment's other refunds; here the amount is only
+        // checked against the amount paid. What other refunds leave, and their number, the
+        // write decides atomically — after its duplicate check, so a request retried after a
+        // crash finds its refund even when that refund took everything.
         let facts = RefundablePayment {
             status: payment.status,
             amount: Money::new(payment.amount_minor, payment_currency),
-            ceiling: RefundCeiling {
-                paid_minor: payment.amount_minor,
-                reserved_minor: payment.amount_refunded_minor,
-                refunded_minor: payment.amount_refunded_minor,
-            },
+            ceiling: RefundCeiling::new(payment.amount_minor),
             paid_at_ms: payment.paid_at_ms,
             refund_count: 0,
         };
