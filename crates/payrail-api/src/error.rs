@@ -117,6 +117,14 @@ impl From<EngineError> for ApiError {
                 "a payment with this out_trade_no exists already; query it instead",
             )
             .with_param("out_trade_no"),
+            E::DuplicateOutRefundNo => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "duplicate_out_refund_no",
+                "a refund with this out_refund_no exists already; query it instead",
+            )
+            .with_param("out_refund_no"),
+            E::RefundRefused(r) => refund_refusal(r),
             E::NotClosable(status) => ApiError::new(
                 StatusCode::CONFLICT,
                 "invalid_request_error",
@@ -173,6 +181,39 @@ impl From<EngineError> for ApiError {
                 ApiError::internal()
             }
         }
+    }
+}
+
+/// Why a refund request was refused; nothing was written but its idempotency record. Amounts
+/// over what remains refundable are 409, not 400: the same request may fit or not depending on
+/// the payment's other refunds (a failed one frees its amount).
+fn refund_refusal(r: payrail_domain::refund::RefundRefusal) -> ApiError {
+    use payrail_domain::refund::RefundRefusal as R;
+    let conflict = |code: &'static str, msg: String| {
+        ApiError::new(StatusCode::CONFLICT, "invalid_request_error", code, msg)
+    };
+    let message = r.to_string();
+    match r {
+        R::NotRefundable(_) => conflict("payment_not_refundable", message).with_param("payment_id"),
+        R::CurrencyMismatch { .. } => {
+            ApiError::invalid("currency_mismatch", message).with_param("currency")
+        }
+        R::NotSupported => conflict("refund_not_supported", message).with_param("payment_id"),
+        R::PartialNotSupported => {
+            conflict("partial_refund_not_supported", message).with_param("amount")
+        }
+        R::WindowExpired { .. } => {
+            conflict("refund_window_expired", message).with_param("payment_id")
+        }
+        R::TooManyRefunds { .. } => conflict("too_many_refunds", message).with_param("payment_id"),
+        R::ExceedsRefundable { .. } => {
+            conflict("refund_exceeds_payment", message).with_param("amount")
+        }
+        R::AmountInvalid => ApiError::invalid(
+            "amount_invalid",
+            "amount must be a positive integer number of minor units",
+        )
+        .with_param("amount"),
     }
 }
 

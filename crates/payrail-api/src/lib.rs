@@ -7,6 +7,7 @@ pub mod error;
 mod merchant;
 mod middleware;
 mod operator;
+mod refunds;
 mod request;
 
 use axum::extract::{DefaultBodyLimit, State};
@@ -33,6 +34,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .merge(merchant::router())
         .merge(operator::router())
         .merge(channels::router())
+        .merge(refunds::router())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

@@ -1543,3 +1543,1076 @@ both!(operators_requery_open_payments_in_a_batch, |b| async move {
         (400, Some("parameter_invalid"))
     );
 });
+
+// --- refunds --------------------------------------------------------------------------------
+
+impl Harness {
+    async fn refund(&self, c: &Credentials, payment_id: &str, amount: i64, otn: &str) -> Answer {
+        let body =
+            json!({"payment_id": payment_id, "amount": amount, "out_refund_no": otn}).to_string();
+        self.post(c, "/v1/refunds", Some(&body), Some(&nonce()))
+            .await
+    }
+
+    async fn paid(&self, c: &Credentials, amount: i64, otn: &str) -> String {
+        let a = self.create(c, amount, otn).await;
+        assert_eq!(a.body["status"], "succeeded", "{}", a.body);
+        a.body["id"].as_str().unwrap().to_string()
+    }
+
+    async fn payment_json(&self, c: &Credentials, id: &str) -> Value {
+        let a = self.get(c, &format!("/v1/payments/{id}")).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.body
+    }
+
+    async fn refund_count(&self, c: &Credentials, payment_id: &str) -> usize {
+        let a = self
+            .get(c, &format!("/v1/refunds?payment_id={payment_id}&limit=100"))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.body["data"].as_array().unwrap().len()
+    }
+
+    async fn refund_events(&self, mch: &str) -> Vec<Value> {
+        self.engine
+            .store
+            .list_events(mch.parse().unwrap(), 0, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event_type.starts_with("refund."))
+            .map(|e| serde_json::from_str(&e.payload).unwrap())
+            .collect()
+    }
+
+    async fn alerts_of(&self, kind: &str) -> Vec<payrail_store::AlertRecord> {
+        self.engine
+            .store
+            .list_alerts(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.kind == kind)
+            .collect()
+    }
+}
+
+both!(
+    partial_then_full_refund_and_over_refunds_refused,
+    |b| async move {
+        let Some(h) = harness(b).await else { return };
+        let (mch, c) = h.merchant("Shop").await;
+        let body = json!({"amount": 10000, "currency": "CNY", "out_trade_no": "rf-1", "subject": "x", "method": "sandbox", "notify_url": "https://shop.example/n"}).to_string();
+        let paid = h
+            .post(&c, "/v1/payments", Some(&body), Some(&nonce()))
+            .await;
+        let pid = paid.body["id"].as_str().unwrap().to_string();
+        assert_eq!(
+            (
+                &paid.body["amount_refunded"],
+                &paid.body["amount_refundable"]
+            ),
+            (&json!(0), &json!(10000))
+        );
+
+        // Partial: 3000 of 10000.
+        let body = json!({"payment_id": pid, "amount": 3000, "out_refund_no": "r-1", "reason": "退货", "metadata": {"rma": "7"}}).to_string();
+        let r1 = h.post(&c, "/v1/refunds", Some(&body), Some(&nonce())).await;
+        assert_eq!(r1.status, 200, "{}", r1.body);
+        let r = &r1.body;
+        assert_eq!(r["object"], "refund");
+        assert!(r["id"].as_str().unwrap().starts_with("rfd_"));
+        assert_eq!(r["status"], "succeeded");
+        assert_eq!(r["payment_id"], pid.as_str());
+        assert_eq!(r["merchant_id"], mch.as_str());
+        assert_eq!(
+            (r["amount"].as_i64(), r["currency"].as_str()),
+            (Some(3000), Some("CNY"))
+        );
+        assert_eq!(r["reason"], "退货");
+        assert_eq!(r["metadata"], json!({"rma": "7"}));
+        assert_eq!(
+            r["notify_url"], "https://shop.example/n",
+            "the payment's, by default"
+        );
+        assert!(r["channel_refund_no"]
+            .as_str()
+            .unwrap()
+            .starts_with("sbx_r_"));
+        assert!(r["refunded_at"].as_i64().is_some());
+        let p = h.payment_json(&c, &pid).await;
+        assert_eq!(
+            (
+                p["amount_refunded"].as_i64(),
+                p["amount_refundable"].as_i64()
+            ),
+            (Some(3000), Some(7000))
+        );
+        let g = h
+            .get(&c, &format!("/v1/refunds/{}", r["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(g.body, r1.body);
+        assert_eq!(
+            h.get(&c, "/v1/refunds/out_refund_no/r-1").await.body["id"],
+            r["id"]
+        );
+
+        // Over the remainder by one minor unit: refused, nothing written.
+        let over = h.refund(&c, &pid, 7001, "r-over").await;
+        assert_eq!(
+            (
+                over.status,
+                over.error_code(),
+                over.body["error"]["param"].as_str()
+            ),
+            (409, Some("refund_exceeds_payment"), Some("amount")),
+            "{}",
+            over.body
+        );
+        assert_eq!(h.refund_count(&c, &pid).await, 1);
+        assert_eq!(h.payment_json(&c, &pid).await, p);
+        assert_eq!(
+            h.get(&c, "/v1/refunds/out_refund_no/r-over").await.status,
+            404
+        );
+
+        // The rest, exactly: fully refunded; then nothing is left. (Ids sort by creation
+        // time: the clock moves so that the newest-first order below is defined.)
+        h.clock.advance_ms(10);
+        let full = h.refund(&c, &pid, 7000, "r-2").await;
+        assert_eq!(full.body["status"], "succeeded", "{}", full.body);
+        let p = h.payment_json(&c, &pid).await;
+        assert_eq!(
+            (
+                p["status"].as_str(),
+                p["amount_refunded"].as_i64(),
+                p["amount_refundable"].as_i64()
+            ),
+            (Some("succeeded"), Some(10000), Some(0))
+        );
+        assert_eq!(
+            h.refund(&c, &pid, 1, "r-3").await.error_code(),
+            Some("refund_exceeds_payment")
+        );
+
+        // Every bad input is a 4xx with a stable code, and writes nothing.
+        let failed = h.create(&c, 1001, "rf-failed").await.body["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let open = h.create(&c, 1002, "rf-open").await.body["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let other = h.paid(&c, 500, "rf-other").await;
+        let cases: Vec<(Value, u16, &str, Option<&str>)> = vec![
+            (
+                json!({"payment_id": other, "amount": 0, "out_refund_no": "x1"}),
+                400,
+                "amount_invalid",
+                Some("amount"),
+            ),
+            (
+                json!({"payment_id": other, "amount": -5, "out_refund_no": "x1"}),
+                400,
+                "amount_invalid",
+                Some("amount"),
+            ),
+            (
+                json!({"payment_id": other, "amount": "5", "out_refund_no": "x1"}),
+                400,
+                "parameter_invalid",
+                Some("amount"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 1.5, "out_refund_no": "x1"}),
+                400,
+                "parameter_invalid",
+                Some("amount"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5}),
+                400,
+                "parameter_missing",
+                Some("out_refund_no"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "has space"}),
+                400,
+                "parameter_invalid",
+                Some("out_refund_no"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "x1", "refund_all": true}),
+                400,
+                "parameter_unknown",
+                Some("refund_all"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "x1", "reason": "字".repeat(81)}),
+                400,
+                "parameter_too_long",
+                Some("reason"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "x1", "notify_url": "ftp://x"}),
+                400,
+                "parameter_invalid",
+                Some("notify_url"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "x1", "currency": "usd"}),
+                400,
+                "currency_invalid",
+                Some("currency"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "x1", "currency": "USD"}),
+                400,
+                "currency_mismatch",
+                Some("currency"),
+            ),
+            (
+                json!({"payment_id": "pay_nope", "amount": 5, "out_refund_no": "x1"}),
+                400,
+                "parameter_invalid",
+                Some("payment_id"),
+            ),
+            (
+                json!({"payment_id": "pay_01M80X1JKZ45058CKTFVQJKG7W", "amount": 5, "out_refund_no": "x1"}),
+                404,
+                "resource_missing",
+                None,
+            ),
+            (
+                json!({"payment_id": failed, "amount": 5, "out_refund_no": "x1"}),
+                409,
+                "payment_not_refundable",
+                Some("payment_id"),
+            ),
+            (
+                json!({"payment_id": open, "amount": 5, "out_refund_no": "x1"}),
+                409,
+                "payment_not_refundable",
+                Some("payment_id"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 501, "out_refund_no": "x1"}),
+                409,
+                "refund_exceeds_payment",
+                Some("amount"),
+            ),
+            (
+                json!({"payment_id": other, "amount": 5, "out_refund_no": "r-1"}),
+                409,
+                "duplicate_out_refund_no",
+                Some("out_refund_no"),
+            ),
+        ];
+        for (body, status, code, param) in cases {
+            let a = h
+                .post(&c, "/v1/refunds", Some(&body.to_string()), Some(&nonce()))
+                .await;
+            assert_eq!(
+                (a.status, a.error_code(), a.body["error"]["param"].as_str()),
+                (status, Some(code), param),
+                "{body}: {}",
+                a.body
+            );
+        }
+        let no_key = h
+            .post(
+                &c,
+                "/v1/refunds",
+                Some(&json!({"payment_id": other, "amount": 5, "out_refund_no": "x1"}).to_string()),
+                None,
+            )
+            .await;
+        assert_eq!(no_key.error_code(), Some("idempotency_key_missing"));
+        assert_eq!(h.refund_count(&c, &other).await, 0);
+        assert_eq!(h.payment_json(&c, &other).await["amount_refundable"], 500);
+        let all = h.get(&c, "/v1/refunds?limit=100").await;
+        assert_eq!(
+            all.body["data"].as_array().unwrap().len(),
+            2,
+            "{}",
+            all.body
+        );
+
+        // Pagination, newest first.
+        let page = h.get(&c, "/v1/refunds?limit=1").await;
+        assert_eq!(page.body["has_more"], true);
+        assert_eq!(page.body["data"][0]["id"], full.body["id"]);
+        let next = h
+            .get(
+                &c,
+                &format!(
+                    "/v1/refunds?limit=1&starting_after={}",
+                    full.body["id"].as_str().unwrap()
+                ),
+            )
+            .await;
+        assert_eq!(next.body["data"][0]["id"], r1.body["id"]);
+        assert_eq!(next.body["has_more"], false);
+        for (q, code) in [
+            ("limit=0", "parameter_out_of_range"),
+            ("starting_after=pay_x", "parameter_invalid"),
+            ("payment_id=rfd_x", "parameter_invalid"),
+            ("status=succeeded", "parameter_unknown"),
+        ] {
+            assert_eq!(
+                h.get(&c, &format!("/v1/refunds?{q}")).await.error_code(),
+                Some(code),
+                "{q}"
+            );
+        }
+
+        // One refund.succeeded event per refund, carrying what webhook delivery needs.
+        let events = h.refund_events(&mch).await;
+        assert_eq!(events.len(), 2);
+        let e = &events[0];
+        assert!(e["id"].as_str().unwrap().starts_with("evt_"));
+        assert_eq!(
+            (e["object"].as_str(), e["type"].as_str()),
+            (Some("event"), Some("refund.succeeded"))
+        );
+        let obj = &e["data"]["object"];
+        assert_eq!(obj["id"], r["id"]);
+        assert_eq!(obj["payment_id"], pid.as_str());
+        assert_eq!(obj["app_id"], paid.body["app_id"]);
+        assert_eq!(obj["notify_url"], "https://shop.example/n");
+        assert_eq!(obj["status"], "succeeded");
+
+        // The OpenAPI document describes the refund routes and every refund error code.
+        let (_, o) = h.client.get("/openapi.json").await.unwrap();
+        let o: Value = serde_json::from_str(&o).unwrap();
+        for path in [
+            "/v1/refunds",
+            "/v1/refunds/{id}",
+            "/v1/operator/refunds/{id}/requery",
+        ] {
+            assert!(o["paths"][path].is_object(), "{path}");
+        }
+        let codes = o["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+            ["code"]["enum"]
+            .as_array()
+            .unwrap()
+            .clone();
+        for code in [
+            "currency_mismatch",
+            "duplicate_out_refund_no",
+            "payment_not_refundable",
+            "refund_exceeds_payment",
+            "refund_not_supported",
+            "partial_refund_not_supported",
+            "refund_window_expired",
+            "too_many_refunds",
+        ] {
+            assert!(codes.contains(&json!(code)), "{code} undocumented");
+        }
+    }
+);
+
+both!(
+    many_parallel_refunds_never_exceed_the_payment,
+    |b| async move {
+        let Some(h) = harness(b).await else { return };
+        let (mch, c) = h.merchant("Shop").await;
+        let pid = h.paid(&c, 10_000, "par-1").await;
+        // 20 concurrent refunds of a tenth each: exactly 10 fit.
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let (client, c, pid) = (h.client.clone(), c.clone(), pid.clone());
+            tasks.push(tokio::spawn(async move {
+                let body =
+                json!({"payment_id": pid, "amount": 1000, "out_refund_no": format!("par-r{i}")})
+                    .to_string();
+                client
+                    .signed(&c, Method::POST, "/v1/refunds", Some(&body), Some(&nonce()))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut ok = 0;
+        let mut refunded = 0;
+        for t in tasks {
+            let a = t.await.unwrap();
+            match a.status {
+                200 => {
+                    assert_eq!(a.body["status"], "succeeded", "{}", a.body);
+                    ok += 1;
+                    refunded += a.body["amount"].as_i64().unwrap();
+                }
+                409 => assert_eq!(a.error_code(), Some("refund_exceeds_payment"), "{}", a.body),
+                other => panic!("unexpected {other}: {}", a.body),
+            }
+        }
+        assert_eq!(ok, 10, "exactly the refunds that fit");
+        assert_eq!(refunded, 10_000);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let p = h.payment_json(&c, &pid).await;
+        assert_eq!(
+            (
+                p["amount_refunded"].as_i64(),
+                p["amount_refundable"].as_i64()
+            ),
+            (Some(10_000), Some(0))
+        );
+        assert_eq!(h.refund_count(&c, &pid).await, 10);
+        assert_eq!(h.refund_events(&mch).await.len(), 10);
+    }
+);
+
+both!(refund_idempotency_and_out_refund_no_reuse, |b| async move {
+    let Some(h) = harness(b).await else { return };
+    let (_, c) = h.merchant("Shop").await;
+    let pid = h.paid(&c, 5000, "idem-r").await;
+    let body = json!({"payment_id": pid, "amount": 1000, "out_refund_no": "ir-1"}).to_string();
+    let first = h.post(&c, "/v1/refunds", Some(&body), Some("rk-1")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let again = h.post(&c, "/v1/refunds", Some(&body), Some("rk-1")).await;
+    assert!(again.replayed);
+    assert_eq!((again.status, &again.body), (200, &first.body));
+    let other = body.replace("1000", "1001");
+    assert_eq!(
+        h.post(&c, "/v1/refunds", Some(&other), Some("rk-1"))
+            .await
+            .error_code(),
+        Some("idempotency_key_reused")
+    );
+    // The same out_refund_no under another key is another request: refused, nothing reserved.
+    let reuse = h.post(&c, "/v1/refunds", Some(&body), Some("rk-2")).await;
+    assert_eq!(
+        (reuse.status, reuse.error_code()),
+        (409, Some("duplicate_out_refund_no"))
+    );
+    assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1000);
+    // A refusal is stored under its key too: the same request gets the same answer.
+    let big = json!({"payment_id": pid, "amount": 4001, "out_refund_no": "ir-big"}).to_string();
+    let refused = h.post(&c, "/v1/refunds", Some(&big), Some("rk-3")).await;
+    assert_eq!(refused.error_code(), Some("refund_exceeds_payment"));
+    let replay = h.post(&c, "/v1/refunds", Some(&big), Some("rk-3")).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body, refused.body);
+
+    // 8 concurrent identical requests under one new key: one refund, every success is it.
+    let body = json!({"payment_id": pid, "amount": 500, "out_refund_no": "ir-c"}).to_string();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (client, c, body) = (h.client.clone(), c.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .signed(&c, Method::POST, "/v1/refunds", Some(&body), Some("rk-c"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        match a.status {
+            200 => {
+                ids.insert(a.body["id"].as_str().unwrap().to_string());
+            }
+            409 => assert_eq!(a.error_code(), Some("idempotency_key_in_use"), "{}", a.body),
+            s => panic!("unexpected {s}: {}", a.body),
+        }
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(h.refund_count(&c, &pid).await, 2);
+    assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1500);
+});
+
+both!(
+    unknown_refunds_resolve_through_the_sync_worker,
+    |b| async move {
+        let Some(h) = harness_with(b, test_config(), true).await else {
+            return;
+        };
+        let (mch, c) = h.merchant("Shop").await;
+        let pid = h.paid(&c, 10_000, "sync-r").await;
+        // 5xx although made (..06), and accepted but processing for 3 s (..02).
+        let unknown = h.refund(&c, &pid, 106, "s-06").await;
+        let pending = h.refund(&c, &pid, 202, "s-02").await;
+        for a in [&unknown, &pending] {
+            assert_eq!(
+                (a.status, a.body["status"].as_str()),
+                (200, Some("processing")),
+                "{}",
+                a.body
+            );
+            assert!(a.body["refunded_at"].is_null());
+        }
+        // Processing refunds keep their amount reserved: never refundable twice.
+        let p = h.payment_json(&c, &pid).await;
+        assert_eq!(
+            (
+                p["amount_refunded"].as_i64(),
+                p["amount_refundable"].as_i64()
+            ),
+            (Some(0), Some(10_000 - 308))
+        );
+        assert_eq!(
+            h.refund(&c, &pid, 10_000 - 307, "s-over")
+                .await
+                .error_code(),
+            Some("refund_exceeds_payment")
+        );
+        let status_of = |a: &Answer| a.body["id"].as_str().unwrap().to_string();
+        let (uid, pid2) = (status_of(&unknown), status_of(&pending));
+        let wait_for = |id: String, want: &'static str| {
+            let h = &h;
+            let c = &c;
+            async move {
+                let mut last = Value::Null;
+                for _ in 0..200 {
+                    last = h.get(c, &format!("/v1/refunds/{id}")).await.body;
+                    if last["status"] == want {
+                        return last;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("{id} never became {want}: {last}");
+            }
+        };
+        // The first query finds the ..06 refund made.
+        h.clock.advance_ms(1_000);
+        let done = wait_for(uid.clone(), "succeeded").await;
+        assert!(done["refunded_at"].as_i64().is_some());
+        assert_eq!(
+            h.get(&c, &format!("/v1/refunds/{pid2}")).await.body["status"],
+            "processing",
+            "still processing at the channel"
+        );
+        h.clock.advance_ms(3_000);
+        wait_for(pid2, "succeeded").await;
+        let p = h.payment_json(&c, &pid).await;
+        assert_eq!(
+            (
+                p["amount_refunded"].as_i64(),
+                p["amount_refundable"].as_i64()
+            ),
+            (Some(308), Some(10_000 - 308))
+        );
+        assert_eq!(
+            h.engine
+                .store
+                .count_jobs(payrail_engine::JOB_REFUND_SYNC)
+                .await
+                .unwrap(),
+            0,
+            "no job left behind"
+        );
+        let types: Vec<String> = h
+            .refund_events(&mch)
+            .await
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(types, vec!["refund.succeeded", "refund.succeeded"]);
+    }
+);
+
+both!(refunds_are_isolated_between_merchants, |b| async move {
+    let Some(h) = harness(b).await else { return };
+    let (_, a) = h.merchant("Shop A").await;
+    let (_, bm) = h.merchant("Shop B").await;
+    let pa = h.paid(&a, 1000, "iso").await;
+    let ra = h.refund(&a, &pa, 100, "iso-r").await;
+    assert_eq!(ra.status, 200);
+    let rid = ra.body["id"].as_str().unwrap();
+    // B can neither refund nor see A's payment or refunds: 404, as for ids that do not exist.
+    let steal = h.refund(&bm, &pa, 100, "steal").await;
+    assert_eq!(
+        (steal.status, steal.error_code()),
+        (404, Some("resource_missing"))
+    );
+    assert_eq!(h.get(&bm, &format!("/v1/refunds/{rid}")).await.status, 404);
+    assert_eq!(
+        h.get(&bm, "/v1/refunds/out_refund_no/iso-r").await.status,
+        404
+    );
+    assert_eq!(
+        h.get(&bm, &format!("/v1/refunds?payment_id={pa}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        h.get(&bm, "/v1/refunds").await.body["data"],
+        json!([]),
+        "B sees no refunds"
+    );
+    assert_eq!(h.payment_json(&a, &pa).await["amount_refunded"], 100);
+    // out_refund_no is unique per merchant: B may use A's for its own payment.
+    let pb = h.paid(&bm, 1000, "iso").await;
+    assert_eq!(h.refund(&bm, &pb, 100, "iso-r").await.status, 200);
+    assert_eq!(h.refund_count(&a, &pa).await, 1);
+});
+
+/// A channel whose refunds are scripted: amounts ending in 01 are refused; everything else
+/// succeeds at once. `query_refund` answers what `queried` says. At most 3 refunds per payment.
+struct RefundScript {
+    query_says_succeeded: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl payrail_channels::Connector for RefundScript {
+    fn name(&self) -> &'static str {
+        "a_refunds" // sorts before "sandbox", so routing picks it
+    }
+    fn supports(&self, _: payrail_domain::input::PaymentMethod) -> bool {
+        true
+    }
+    fn capabilities(&self) -> payrail_channels::Capabilities {
+        payrail_channels::Capabilities {
+            methods: Vec::new(),
+            refund: true,
+            partial_refund: true,
+            refund_window_days: 365,
+            max_refunds_per_payment: Some(3),
+            cancel_window_ms: None,
+            refund_query_delay_ms: 10_000,
+            bills: false,
+        }
+    }
+    async fn submit(
+        &self,
+        r: &payrail_channels::SubmitRequest,
+    ) -> payrail_channels::SubmitResponse {
+        payrail_channels::SubmitResponse {
+            outcome: payrail_domain::ChannelOutcome::Succeeded {
+                channel_trade_no: Some(format!("ch_{}", r.attempt_id)),
+                paid_at_ms: None,
+            },
+            next_action: None,
+        }
+    }
+    async fn query(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::unknown("not used")
+    }
+    async fn close(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::unknown("not used")
+    }
+    async fn refund(&self, r: &payrail_channels::RefundRequest) -> payrail_channels::RefundOutcome {
+        match r.refund_amount.amount_minor().rem_euclid(100) {
+            1 => payrail_channels::RefundOutcome::Failed {
+                code: "NOT_ENOUGH".into(),
+                message: "merchant balance too low".into(),
+            },
+            2 => payrail_channels::RefundOutcome::Processing {
+                channel_refund_no: None,
+            },
+            _ => payrail_channels::RefundOutcome::Succeeded {
+                channel_refund_no: Some(format!("chr_{}", r.refund_id)),
+                refunded_at_ms: None,
+            },
+        }
+    }
+    async fn query_refund(
+        &self,
+        _: &payrail_channels::RefundRequest,
+    ) -> payrail_channels::RefundOutcome {
+        if self
+            .query_says_succeeded
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            payrail_channels::RefundOutcome::Succeeded {
+                channel_refund_no: None,
+                refunded_at_ms: None,
+            }
+        } else {
+            payrail_channels::RefundOutcome::unknown("ABNORMAL")
+        }
+    }
+}
+
+both!(
+    a_failed_refund_releases_its_amount_and_a_contradiction_alerts,
+    |b| async move {
+        let script = Arc::new(RefundScript {
+            query_says_succeeded: std::sync::atomic::AtomicBool::new(false),
+        });
+        let Some(h) = harness_full(b, test_config(), false, Some(script.clone())).await else {
+            return;
+        };
+        let (mch, c) = h.merchant("Shop").await;
+        let pid = h.paid(&c, 1000, "fail-r").await;
+        let failed = h.refund(&c, &pid, 501, "f-1").await;
+        assert_eq!(
+            failed.status, 200,
+            "a refused refund is an answer, not an HTTP error"
+        );
+        assert_eq!(failed.body["status"], "failed");
+        assert_eq!(failed.body["failure"]["code"], "NOT_ENOUGH");
+        assert_eq!(failed.body["channel"], "a_refunds");
+        let p = h.payment_json(&c, &pid).await;
+        assert_eq!(
+            (
+                p["amount_refunded"].as_i64(),
+                p["amount_refundable"].as_i64()
+            ),
+            (Some(0), Some(1000)),
+            "the failure released its amount"
+        );
+        let events = h.refund_events(&mch).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["type"], "refund.failed");
+        assert_eq!(events[0]["data"]["object"]["failure"]["code"], "NOT_ENOUGH");
+
+        // The whole amount is refundable again.
+        assert_eq!(
+            h.refund(&c, &pid, 1000, "f-2").await.body["status"],
+            "succeeded"
+        );
+
+        // The operator re-queries the failed refund; the channel now claims it succeeded: the
+        // first definite answer wins, an alert is raised.
+        script
+            .query_says_succeeded
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let fid = failed.body["id"].as_str().unwrap();
+        let rq = h
+            .client
+            .operator(
+                &h.op,
+                Method::POST,
+                &format!("/v1/operator/refunds/{fid}/requery"),
+                None,
+                Some(&nonce()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (rq.status, rq.body["status"].as_str()),
+            (200, Some("failed")),
+            "{}",
+            rq.body
+        );
+        assert_eq!(rq.body["version"], 2);
+        assert_eq!(h.alerts_of("refund_conflict").await.len(), 1);
+        let og = h
+            .client
+            .operator(
+                &h.op,
+                Method::GET,
+                &format!("/v1/operator/refunds/{fid}"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(og.body["status"], "failed");
+        assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1000);
+
+        // The channel's limit of refunds per payment (3 here) counts the failed ones too.
+        let q = h.paid(&c, 1000, "max-r").await;
+        for (i, amount) in [101, 100, 100].into_iter().enumerate() {
+            assert_eq!(
+                h.refund(&c, &q, amount, &format!("m-{i}")).await.status,
+                200
+            );
+        }
+        let fourth = h.refund(&c, &q, 100, "m-3").await;
+        assert_eq!(
+            (fourth.status, fourth.error_code()),
+            (409, Some("too_many_refunds")),
+            "{}",
+            fourth.body
+        );
+        assert_eq!(h.refund_count(&c, &q).await, 3);
+    }
+);
+
+both!(
+    a_processing_refund_waits_for_the_channel_query_delay_and_alerts_when_unresolved,
+    |b| async move {
+        let script = Arc::new(RefundScript {
+            query_says_succeeded: std::sync::atomic::AtomicBool::new(false),
+        });
+        let Some(h) = harness_full(b, test_config(), false, Some(script.clone())).await else {
+            return;
+        };
+        let (_, c) = h.merchant("Shop").await;
+        let pid = h.paid(&c, 1000, "slow-r").await;
+        let r = h.refund(&c, &pid, 102, "slow-1").await;
+        assert_eq!(r.body["status"], "processing");
+        let rid: payrail_domain::RefundId = r.body["id"].as_str().unwrap().parse().unwrap();
+        let lease = |h: &Harness| {
+            let now = h.engine.now_ms();
+            let store = h.engine.store.clone();
+            async move {
+                store
+                    .lease_jobs(payrail_engine::JOB_REFUND_SYNC, now, 30_000, 10)
+                    .await
+                    .unwrap()
+            }
+        };
+        // This channel allows a refund query 10 s after the refund, not before.
+        h.clock.advance_ms(9_000);
+        assert!(
+            lease(&h).await.is_empty(),
+            "queried before the channel allows"
+        );
+        h.clock.advance_ms(1_100);
+        let jobs = lease(&h).await;
+        assert_eq!(jobs.len(), 1);
+        h.engine.sync_refund(&jobs[0]).await.unwrap();
+        // Unknown (ABNORMAL) stays processing, the amount stays reserved; an hour later an alert.
+        let stored = |h: &Harness| {
+            let store = h.engine.store.clone();
+            async move { store.get_refund_any(rid).await.unwrap().unwrap() }
+        };
+        assert_eq!(
+            stored(&h).await.status,
+            payrail_domain::RefundStatus::Processing
+        );
+        assert!(h.alerts_of("refund_unresolved").await.is_empty());
+        h.clock.advance_ms(3_600_000);
+        let jobs = lease(&h).await;
+        assert_eq!(jobs.len(), 1, "the refund keeps its job");
+        h.engine.sync_refund(&jobs[0]).await.unwrap();
+        assert_eq!(h.alerts_of("refund_unresolved").await.len(), 1);
+        assert_eq!(
+            stored(&h).await.status,
+            payrail_domain::RefundStatus::Processing
+        );
+        // Then the channel answers: succeeded, job gone.
+        script
+            .query_says_succeeded
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        h.clock.advance_ms(400_000);
+        let jobs = lease(&h).await;
+        h.engine.sync_refund(&jobs[0]).await.unwrap();
+        assert_eq!(
+            stored(&h).await.status,
+            payrail_domain::RefundStatus::Succeeded
+        );
+        assert!(lease(&h).await.is_empty());
+        let p = h
+            .engine
+            .store
+            .get_payment_any(pid.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.amount_refunded_minor, p.refund_reserved_minor),
+            (102, 102)
+        );
+    }
+);
+
+both!(refund_notifications_are_cross_checked, |b| async move {
+    use payrail_channels::RefundOutcome;
+    use payrail_domain::{Currency, Money};
+    use payrail_engine::refunds::{RefundNotice, RefundNoticeResult};
+    let Some(h) = harness(b).await else { return };
+    let (_, c) = h.merchant("Shop").await;
+    let pid = h.paid(&c, 1000, "notice").await;
+    // ..02: processing at the channel for 3 s; a notification will finish it.
+    let r = h.refund(&c, &pid, 302, "n-1").await;
+    assert_eq!(r.body["status"], "processing");
+    let rid = r.body["id"].as_str().unwrap().parse().unwrap();
+    let refund = h.engine.store.get_refund_any(rid).await.unwrap().unwrap();
+    let cny = |m| Money::new(m, Currency::CNY);
+    let ok = RefundOutcome::Succeeded {
+        channel_refund_no: Some("chr_n".into()),
+        refunded_at_ms: None,
+    };
+    let notice = |amount: Option<i64>, total: Option<i64>| RefundNotice {
+        attempt_id: Some(refund.attempt_id),
+        refund_id: Some(rid),
+        refund_amount: amount.map(cny),
+        refunded_total: total.map(cny),
+        outcome: ok.clone(),
+    };
+    let mismatch = |res: RefundNoticeResult| matches!(res, RefundNoticeResult::Mismatch { .. });
+    // Another amount, another order, more refunded than we ever asked for: ignored, alerted.
+    assert!(mismatch(
+        h.engine
+            .apply_refund_notification(&notice(Some(303), None))
+            .await
+            .unwrap()
+    ));
+    let mut other_order = notice(Some(302), None);
+    other_order.attempt_id = Some(payrail_domain::AttemptId::generate(1, [1; 10]));
+    assert!(mismatch(
+        h.engine
+            .apply_refund_notification(&other_order)
+            .await
+            .unwrap()
+    ));
+    assert!(mismatch(
+        h.engine
+            .apply_refund_notification(&notice(None, Some(303)))
+            .await
+            .unwrap()
+    ));
+    assert_eq!(h.alerts_of("refund_notification_mismatch").await.len(), 3);
+    assert_eq!(
+        h.engine
+            .store
+            .get_refund_any(rid)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        payrail_domain::RefundStatus::Processing
+    );
+    // Not ours at all.
+    let mut foreign = notice(Some(1), None);
+    foreign.refund_id = None;
+    assert_eq!(
+        h.engine.apply_refund_notification(&foreign).await.unwrap(),
+        RefundNoticeResult::Unmatched
+    );
+    assert_eq!(h.alerts_of("refund_unmatched").await.len(), 1);
+    // Alipay's shape: the total refunded on the order; applied.
+    match h
+        .engine
+        .apply_refund_notification(&notice(None, Some(302)))
+        .await
+        .unwrap()
+    {
+        RefundNoticeResult::Applied(r) => {
+            assert_eq!(r.status, payrail_domain::RefundStatus::Succeeded);
+            assert_eq!(r.channel_refund_no.as_deref(), Some("chr_n"));
+        }
+        other => panic!("not applied: {other:?}"),
+    }
+    // A repeat (notifications repeat) changes nothing; a contradicting one alerts.
+    assert!(matches!(
+        h.engine.apply_refund_notification(&notice(Some(302), None)).await.unwrap(),
+        RefundNoticeResult::Applied(r) if r.version == 2
+    ));
+    let mut contra = notice(Some(302), None);
+    contra.outcome = RefundOutcome::Failed {
+        code: "CLOSED".into(),
+        message: "closed".into(),
+    };
+    h.engine.apply_refund_notification(&contra).await.unwrap();
+    assert_eq!(h.alerts_of("refund_conflict").await.len(), 1);
+    let p = h.payment_json(&c, &pid).await;
+    assert_eq!(
+        (
+            p["amount_refunded"].as_i64(),
+            p["amount_refundable"].as_i64()
+        ),
+        (Some(302), Some(698))
+    );
+});
+
+both!(
+    a_refund_retried_after_a_crash_finds_its_refund,
+    |b| async move {
+        use payrail_store::{Admission, IdempotencyClaim};
+        let Some(h) = harness(b).await else { return };
+        let (mch, c) = h.merchant("Shop").await;
+        // A payment of 1006 (5xx at submit, paid 3 s later), refunded in full with 1006 (5xx
+        // although made): the refund takes everything and its first answer is unknown.
+        let p = h.create(&c, 1006, "crash-r").await;
+        let pid = p.body["id"].as_str().unwrap().to_string();
+        h.clock.advance_ms(3_000);
+        assert_eq!(h.requery(&pid).await.body["status"], "succeeded");
+        let apps = h
+            .client
+            .operator(
+                &h.op,
+                Method::GET,
+                &format!("/v1/operator/merchants/{mch}/apps"),
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        let app = payrail_engine::auth::AppAuth {
+            app_id: apps.body["data"][0]["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            merchant_id: mch.parse().unwrap(),
+            key_id: c.key_id.clone(),
+            merchant_active: true,
+        };
+        let body =
+            json!({"payment_id": pid, "amount": 1006, "out_refund_no": "crash-1"}).to_string();
+        let key = "crash-refund-key";
+        let hash = payrail_engine::auth::request_hash("POST", "/v1/refunds", body.as_bytes());
+        let now = h.engine.now_ms();
+        // The first try: admitted and recorded in one write, sent, unknown; then the process
+        // died before its answer was saved.
+        let first = h
+            .engine
+            .create_refund(
+                &app,
+                payrail_engine::refunds::CreateRefund {
+                    payment_id: pid.parse().unwrap(),
+                    amount_minor: 1006,
+                    currency: None,
+                    out_refund_no: payrail_domain::input::OutRefundNo::parse("crash-1").unwrap(),
+                    reason: None,
+                    notify_url: None,
+                    metadata: payrail_domain::input::Metadata::default(),
+                },
+                Some(payrail_engine::payments::IdemRef {
+                    key,
+                    request_hash: &hash,
+                    token: "first-try",
+                }),
+                Some(Admission {
+                    now_ms: now,
+                    nonce: None,
+                    idempotency: Some(IdempotencyClaim {
+                        scope: mch.clone(),
+                        key: key.into(),
+                        request_hash: hash.clone(),
+                        now_ms: now,
+                        stale_after_ms: 60_000,
+                        token: "first-try".into(),
+                    }),
+                }),
+            )
+            .await
+            .unwrap();
+        let first = match first {
+            payrail_engine::refunds::CreateRefundResult::Done(r) => r.refund,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(first.status, payrail_domain::RefundStatus::Processing);
+        // The worker finds it made.
+        h.clock.advance_ms(1_000);
+        let jobs = h
+            .engine
+            .store
+            .lease_jobs(
+                payrail_engine::JOB_REFUND_SYNC,
+                h.engine.now_ms(),
+                30_000,
+                10,
+            )
+            .await
+            .unwrap();
+        h.engine.sync_refund(&jobs[0]).await.unwrap();
+        // While the claim is fresh, a retry is told to wait; once stale, it finds its refund —
+        // not "exceeds", although the payment has nothing left to refund.
+        let busy = h.post(&c, "/v1/refunds", Some(&body), Some(key)).await;
+        assert_eq!(busy.error_code(), Some("idempotency_key_in_use"));
+        h.clock.advance_ms(61_000);
+        let retry = h.post(&c, "/v1/refunds", Some(&body), Some(key)).await;
+        assert_eq!(retry.status, 200, "{}", retry.body);
+        assert_eq!(retry.body["id"], first.id.to_string().as_str());
+        assert_eq!(retry.body["status"], "succeeded");
+        let replay = h.post(&c, "/v1/refunds", Some(&body), Some(key)).await;
+        assert!(replay.replayed);
+        assert_eq!(replay.body, retry.body);
+        // Another request with the number is still refused as a duplicate.
+        let other = h.refund(&c, &pid, 1, "crash-1").await;
+        assert_eq!(other.error_code(), Some("duplicate_out_refund_no"));
+        assert_eq!(h.refund_count(&c, &pid).await, 1);
+        assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1006);
+    }
+);

@@ -72,6 +72,15 @@ string_newtype! {
     OutTradeNo
 }
 string_newtype! {
+    /// The merchant's own refund number: the same shape as [`OutTradeNo`], unique per merchant.
+    OutRefundNo
+}
+string_newtype! {
+    /// Why a refund is made, passed to the channel where it takes one (WeChat `reason`, Alipay
+    /// `refund_reason`): 1–80 characters (WeChat's limit), no control characters.
+    RefundReason
+}
+string_newtype! {
     /// What is being bought, shown to the payer: 1–128 characters, no control characters.
     Subject
 }
@@ -103,6 +112,33 @@ impl OutTradeNo {
             ));
         }
         Ok(OutTradeNo(s.to_string()))
+    }
+}
+
+impl OutRefundNo {
+    pub const MAX_LEN: usize = 64;
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        check_len("out_refund_no", s, 1, Self::MAX_LEN)?;
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-|*.".contains(&b))
+        {
+            return Err(InputError::new(
+                "out_refund_no",
+                "parameter_invalid",
+                "out_refund_no may contain only letters, digits and _ - | * .",
+            ));
+        }
+        Ok(OutRefundNo(s.to_string()))
+    }
+}
+
+impl RefundReason {
+    pub const MAX_LEN: usize = 80;
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        check_len("reason", s, 1, Self::MAX_LEN)?;
+        no_control("reason", s)?;
+        Ok(RefundReason(s.to_string()))
     }
 }
 
@@ -364,6 +400,28 @@ mod tests {
         ] {
             assert!(OutTradeNo::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn refund_number_and_reason_rules() {
+        for good in ["R", "refund-2024_01|x*y.z", &"9".repeat(64)] {
+            assert!(OutRefundNo::parse(good).is_ok(), "{good}");
+        }
+        for bad in ["", "has space", "退款", &"9".repeat(65), "a\nb"] {
+            let e = OutRefundNo::parse(bad).unwrap_err();
+            assert_eq!(e.param, "out_refund_no", "{bad}");
+        }
+        assert!(RefundReason::parse("商品已退货").is_ok());
+        assert!(RefundReason::parse(&"字".repeat(80)).is_ok());
+        assert_eq!(
+            RefundReason::parse(&"字".repeat(81)).unwrap_err().code,
+            "parameter_too_long"
+        );
+        assert_eq!(
+            RefundReason::parse("  ").unwrap_err().code,
+            "parameter_missing"
+        );
+        assert_eq!(RefundReason::parse("a\u{7}b").unwrap_err().param, "reason");
     }
 
     #[test]

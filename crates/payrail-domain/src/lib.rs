@@ -1,5 +1,5 @@
-//! The payrail domain: money, identifiers, the payment state machine, request signing and the
-//! validated inputs of the merchant API.
+//! The payrail domain: money, identifiers, the payment and refund state machines, request
+//! signing and the validated inputs of the merchant API.
 //!
 //! This crate does no I/O: no clock, no randomness, no network, no database. Time and random bytes
 //! are passed in by the caller, so every rule here is deterministic and unit-testable.
@@ -12,6 +12,7 @@ pub mod id;
 pub mod input;
 pub mod money;
 pub mod payment;
+pub mod refund;
 pub mod secret;
 pub mod signing;
 
@@ -22,4 +23,5 @@ pub use id::{
 };
 pub use money::{Currency, Money, MoneyError};
 pub use payment::{AttemptStatus, PaymentStatus, TransitionError};
+pub use refund::RefundStatus;
 pub use secret::Secret;

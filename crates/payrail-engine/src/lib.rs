@@ -1,6 +1,6 @@
-//! The application layer: the payment pipeline, merchant and app management, authentication
-//! of signed requests, and the background workers. HTTP lives in `payrail-api`; this crate knows
-//! nothing of it, so the same operations serve the API, the CLI and the workers.
+//! The application layer: the payment and refund pipelines, merchant and app management,
+//! authentication of signed requests, and the background workers. HTTP lives in `payrail-api`;
+//! this crate knows nothing of it, so the same operations serve the API, the CLI and the workers.
 
 pub mod auth;
 pub mod barcode;
@@ -12,6 +12,7 @@ pub mod merchants;
 pub mod metrics;
 pub mod notifications;
 pub mod payments;
+pub mod refunds;
 pub mod views;
 pub mod worker;
 
@@ -102,6 +103,11 @@ pub enum EngineError {
     MerchantFrozen,
     #[error("a payment with this out_trade_no exists already")]
     DuplicateOutTradeNo,
+    #[error("a refund with this out_refund_no exists already")]
+    DuplicateOutRefundNo,
+    /// The refund request does not fit the payment or its channel's rules; nothing was done.
+    #[error(transparent)]
+    RefundRefused(#[from] payrail_domain::refund::RefundRefusal),
     #[error("payment is {0} and cannot be closed")]
     NotClosable(String),
     #[error("payment is {0} and cannot be cancelled")]
@@ -173,6 +179,9 @@ impl Engine {
 
 /// Name of the job kind that drives processing attempts to a definite answer.
 pub const JOB_PAYMENT_SYNC: &str = "payment_sync";
+
+/// Name of the job kind that drives processing refunds to a definite answer.
+pub const JOB_REFUND_SYNC: &str = "refund_sync";
 
 #[cfg(test)]
 mod tests {

@@ -179,31 +179,25 @@ impl Engine {
                 refunded_total,
                 outcome,
             } => {
-                self.apply_refund_notification(
-                    &payment,
+                // The refund module cross-checks the refund (ours, its amount or the channel's
+                // refunded total) and alerts on its own; every `Ok` is acknowledged.
+                let notice = crate::refunds::RefundNotice {
+                    attempt_id: Some(n.attempt_id),
                     refund_id,
                     refund_amount,
                     refunded_total,
                     outcome,
-                )
-                .await
+                };
+                Ok(match self.apply_refund_notification(&notice).await? {
+                    crate::refunds::RefundNoticeResult::Applied(_) => NotificationResult::Applied,
+                    crate::refunds::RefundNoticeResult::Unmatched => {
+                        NotificationResult::UnknownOrder
+                    }
+                    crate::refunds::RefundNoticeResult::Mismatch { .. } => {
+                        NotificationResult::Mismatch
+                    }
+                })
             }
         }
-    }
-}
-
-impl Engine {
-    /// Refund notifications: applied by the refund module once it lands; until then they are
-    /// refused so that the channel repeats them (refund sync also asks the channel).
-    async fn apply_refund_notification(
-        &self,
-        payment: &payrail_store::PaymentRecord,
-        refund_id: Option<payrail_domain::RefundId>,
-        _refund_amount: Option<payrail_domain::Money>,
-        _refunded_total: Option<payrail_domain::Money>,
-        outcome: payrail_channels::RefundOutcome,
-    ) -> Result<NotificationResult, EngineError> {
-        tracing::warn!(payment_id = %payment.id, refund = ?refund_id.map(|r| r.to_string()), reported = outcome.label(), "refund notification not applied yet");
-        Ok(NotificationResult::Retry)
     }
 }

@@ -122,6 +122,8 @@ impl Engine {
             paid_at_ms: None,
             created_at_ms: now,
             updated_at_ms: now,
+            amount_refunded_minor: 0,
+            refund_reserved_minor: 0,
         };
         // Recorded as processing before the call: from the moment it is sent, its outcome is
         // unknown until the channel says otherwise.

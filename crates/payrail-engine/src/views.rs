@@ -2,7 +2,8 @@
 //! replies and event payloads, so they never drift apart.
 
 use payrail_channels::NextAction;
-use payrail_store::{MerchantRecord, PaymentRecord};
+use payrail_domain::PaymentStatus;
+use payrail_store::{MerchantRecord, PaymentRecord, RefundRecord};
 use serde_json::{json, Map, Value};
 
 fn secs(ms: i64) -> i64 {
@@ -44,6 +45,8 @@ pub fn payment_json(p: &PaymentRecord, next_action: Option<&NextAction>) -> Valu
         "out_trade_no": p.out_trade_no,
         "amount": p.amount_minor,
         "currency": p.currency,
+        "amount_refunded": p.amount_refunded_minor,
+        "amount_refundable": amount_refundable(p),
         "subject": p.subject,
         "method": p.method,
         "channel": p.channel,
@@ -57,6 +60,47 @@ pub fn payment_json(p: &PaymentRecord, next_action: Option<&NextAction>) -> Valu
         "updated": secs(p.updated_at_ms),
         "expires_at": secs(p.expires_at_ms),
         "paid_at": p.paid_at_ms.map(secs),
+    })
+}
+
+/// What a new refund may still take: the paid amount less every refund not failed (processing
+/// ones included, since they may yet succeed); 0 unless the payment succeeded.
+pub fn amount_refundable(p: &PaymentRecord) -> i64 {
+    if p.status == PaymentStatus::Succeeded {
+        p.amount_minor
+            .saturating_sub(p.refund_reserved_minor)
+            .max(0)
+    } else {
+        0
+    }
+}
+
+pub fn refund_json(r: &RefundRecord) -> Value {
+    let metadata: Value =
+        serde_json::from_str(&r.metadata).unwrap_or_else(|_| Value::Object(Map::new()));
+    let failure = r
+        .failure_code
+        .as_ref()
+        .map(|code| json!({"code": code, "message": r.failure_message}));
+    json!({
+        "id": r.id,
+        "object": "refund",
+        "payment_id": r.payment_id,
+        "merchant_id": r.merchant_id,
+        "app_id": r.app_id,
+        "out_refund_no": r.out_refund_no,
+        "amount": r.amount_minor,
+        "currency": r.currency,
+        "reason": r.reason,
+        "status": r.status,
+        "channel": r.channel,
+        "channel_refund_no": r.channel_refund_no,
+        "failure": failure,
+        "notify_url": r.notify_url,
+        "metadata": metadata,
+        "created": secs(r.created_at_ms),
+        "updated": secs(r.updated_at_ms),
+        "refunded_at": r.refunded_at_ms.map(secs),
     })
 }
 

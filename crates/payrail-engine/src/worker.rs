@@ -1,7 +1,7 @@
-//! Background workers: status sync and housekeeping. They share work through the job table, so
+//! Background workers: status sync (payments and refunds) and housekeeping. They share work through the job table, so
 //! any number of processes may run them.
 
-use crate::{Engine, JOB_PAYMENT_SYNC};
+use crate::{Engine, JOB_PAYMENT_SYNC, JOB_REFUND_SYNC};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -12,41 +12,59 @@ const ERROR_BACKOFF_MS: u64 = 1_000;
 /// Housekeeping period.
 const JANITOR_PERIOD_MS: u64 = 60_000;
 
-/// Leases due sync jobs and runs them, until `shutdown` turns true. Jobs in flight finish first.
+/// The job kinds the status-sync worker runs: payments and refunds waiting for a definite
+/// channel answer.
+const SYNC_KINDS: [&str; 2] = [JOB_PAYMENT_SYNC, JOB_REFUND_SYNC];
+
+/// Leases due sync jobs (payments, then refunds) and runs them, until `shutdown` turns true.
+/// Jobs in flight finish first.
 pub async fn run_sync_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
     tracing::info!("status-sync worker started");
     while !*shutdown.borrow() {
         let now = engine.now_ms();
-        let jobs = match engine
-            .store
-            .lease_jobs(
-                JOB_PAYMENT_SYNC,
-                now,
-                engine.config.sync_lease_ms,
-                engine.config.sync_batch,
-            )
-            .await
-        {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::error!(error = %e, "status-sync: cannot lease jobs");
-                wait(&mut shutdown, ERROR_BACKOFF_MS).await;
-                continue;
-            }
-        };
-        if jobs.is_empty() {
-            wait(&mut shutdown, engine.config.worker_poll_ms).await;
-            continue;
-        }
         let mut set = JoinSet::new();
-        for job in jobs {
-            let engine = engine.clone();
-            set.spawn(async move {
-                if let Err(e) = engine.sync_payment(&job).await {
-                    // The lease runs out and the job comes back by itself.
-                    tracing::warn!(subject = %job.subject_id, error = %e, "status-sync job failed");
+        let mut failed = false;
+        for kind in SYNC_KINDS {
+            let jobs = match engine
+                .store
+                .lease_jobs(
+                    kind,
+                    now,
+                    engine.config.sync_lease_ms,
+                    engine.config.sync_batch,
+                )
+                .await
+            {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::error!(error = %e, kind, "status-sync: cannot lease jobs");
+                    failed = true;
+                    continue;
                 }
-            });
+            };
+            for job in jobs {
+                let engine = engine.clone();
+                set.spawn(async move {
+                    let res = if job.kind == JOB_REFUND_SYNC {
+                        engine.sync_refund(&job).await
+                    } else {
+                        engine.sync_payment(&job).await
+                    };
+                    if let Err(e) = res {
+                        // The lease runs out and the job comes back by itself.
+                        tracing::warn!(kind = %job.kind, subject = %job.subject_id, error = %e, "status-sync job failed");
+                    }
+                });
+            }
+        }
+        if set.is_empty() {
+            let pause = if failed {
+                ERROR_BACKOFF_MS
+            } else {
+                engine.config.worker_poll_ms
+            };
+            wait(&mut shutdown, pause).await;
+            continue;
         }
         while set.join_next().await.is_some() {}
     }

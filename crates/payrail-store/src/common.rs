@@ -7,7 +7,13 @@ pub(crate) const MERCHANT_COLS: &str = "id, name, status, version, created_at_ms
 
 pub(crate) const APP_COLS: &str = "id, merchant_id, name, key_id, secret_ciphertext, created_at_ms";
 
-pub(crate) const PAYMENT_COLS: &str = "id, merchant_id, app_id, out_trade_no, amount_minor, currency, subject, method, channel, status, version, notify_url, metadata, channel_trade_no, failure_code, failure_message, idempotency_key, request_hash, expires_at_ms, paid_at_ms, created_at_ms, updated_at_ms";
+pub(crate) const PAYMENT_COLS: &str = "id, merchant_id, app_id, out_trade_no, amount_minor, currency, subject, method, channel, status, version, notify_url, metadata, channel_trade_no, failure_code, failure_message, idempotency_key, request_hash, expires_at_ms, paid_at_ms, created_at_ms, updated_at_ms, amount_refunded_minor, refund_reserved_minor";
+
+pub(crate) const REFUND_COLS: &str = "id, payment_id, attempt_id, merchant_id, app_id, out_refund_no, amount_minor, currency, reason, channel, status, version, channel_refund_no, failure_code, failure_message, notify_url, metadata, idempotency_key, request_hash, requested_at_ms, refunded_at_ms, created_at_ms, updated_at_ms";
+
+/// What a refused refund reservation reads back for its reason.
+pub(crate) const CEILING_COLS: &str =
+    "status, currency, amount_minor, refund_reserved_minor, amount_refunded_minor, refund_count";
 
 pub(crate) const ATTEMPT_COLS: &str = "id, payment_id, merchant_id, channel, status, version, channel_trade_no, failure_code, failure_message, created_at_ms, updated_at_ms, channel_account_id";
 

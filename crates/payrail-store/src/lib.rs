@@ -19,7 +19,7 @@ pub mod sqlite;
 pub use records::*;
 
 use async_trait::async_trait;
-use payrail_domain::{AttemptId, ChannelAccountId, MerchantId, PaymentId};
+use payrail_domain::{AttemptId, ChannelAccountId, MerchantId, PaymentId, RefundId};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +123,39 @@ pub trait Store: Send + Sync + 'static {
         status: ChannelAccountStatus,
         now_ms: i64,
     ) -> Result<Option<ChannelAccountRecord>>;
+
+    // --- refunds ----------------------------------------------------------------------------
+    /// Records a refund and reserves its amount against its payment, atomically: the payment
+    /// must be the merchant's, `succeeded`, in the refund's currency, with room under its
+    /// ceiling (`refund_reserved_minor + amount ≤ amount_minor`) and under `max_refunds`, as of
+    /// this write — so concurrent refunds of one payment can never together exceed it. Claims
+    /// `new.admission` and inserts `new.job` in the same transaction.
+    async fn create_refund(&self, new: &NewRefund) -> Result<CreateRefundOutcome>;
+    async fn get_refund(
+        &self,
+        merchant_id: MerchantId,
+        id: RefundId,
+    ) -> Result<Option<RefundRecord>>;
+    async fn get_refund_by_out_refund_no(
+        &self,
+        merchant_id: MerchantId,
+        out_refund_no: &str,
+    ) -> Result<Option<RefundRecord>>;
+    /// Any merchant's refund, for workers, notifications and operators.
+    async fn get_refund_any(&self, id: RefundId) -> Result<Option<RefundRecord>>;
+    /// Newest first, keyset-paginated by id; only those of `payment_id` when given.
+    async fn list_refunds(
+        &self,
+        merchant_id: MerchantId,
+        payment_id: Option<PaymentId>,
+        limit: u32,
+        starting_after: Option<RefundId>,
+    ) -> Result<Vec<RefundRecord>>;
+    /// Applies a refund's status change if it still has the expected version, moving the
+    /// payment's refund totals, writing the event, adjusting the job and saving the idempotent
+    /// response in the same transaction. `Ok(false)`: another writer got there first and
+    /// nothing was written.
+    async fn apply_refund_transition(&self, t: &RefundTransition) -> Result<bool>;
 
     // --- jobs -----------------------------------------------------------------------------
     /// Leases up to `limit` due jobs of `kind`: each becomes invisible to other workers for

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{NoTls, Row};
 
+mod refunds;
+
 const POOL_MAX: usize = 32;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -233,6 +235,8 @@ fn payment_row(r: &Row) -> Result<PaymentRecord> {
         paid_at_ms: get(r, 19)?,
         created_at_ms: get(r, 20)?,
         updated_at_ms: get(r, 21)?,
+        amount_refunded_minor: get(r, 22)?,
+        refund_reserved_minor: get(r, 23)?,
     })
 }
 
@@ -750,13 +754,14 @@ impl Store for PgStore {
             &tx,
             &format!(
                 "INSERT INTO payments ({PAYMENT_COLS}) VALUES ({}) ON CONFLICT (merchant_id, out_trade_no) DO NOTHING",
-                placeholders(22)
+                placeholders(24)
             ),
             &[
                 &p.id.to_string(), &merchant_id, &p.app_id.to_string(), out_trade_no, &p.amount_minor,
                 &p.currency, &p.subject, &p.method, &p.channel, &p.status.as_str(), &p.version, &p.notify_url, &p.metadata,
                 &p.channel_trade_no, &p.failure_code, &p.failure_message, &p.idempotency_key, &p.request_hash,
-                &p.expires_at_ms, &p.paid_at_ms, &p.created_at_ms, &p.updated_at_ms,
+                &p.expires_at_ms, &p.paid_at_ms, &p.created_at_ms, &p.updated_at_ms, &p.amount_refunded_minor,
+                &p.refund_reserved_minor,
             ],
         )
         .await?;
@@ -960,6 +965,44 @@ impl Store for PgStore {
         )
         .await?;
         rows.iter().map(|r| Ok((get(r, 0)?, get(r, 1)?))).collect()
+    }
+
+    async fn create_refund(&self, new: &NewRefund) -> Result<CreateRefundOutcome> {
+        refunds::create_refund(self, new).await
+    }
+
+    async fn get_refund(
+        &self,
+        merchant_id: MerchantId,
+        id: payrail_domain::RefundId,
+    ) -> Result<Option<RefundRecord>> {
+        refunds::get_refund(self, Some(merchant_id), id).await
+    }
+
+    async fn get_refund_by_out_refund_no(
+        &self,
+        merchant_id: MerchantId,
+        out_refund_no: &str,
+    ) -> Result<Option<RefundRecord>> {
+        refunds::get_refund_by_out_refund_no(self, merchant_id, out_refund_no).await
+    }
+
+    async fn get_refund_any(&self, id: payrail_domain::RefundId) -> Result<Option<RefundRecord>> {
+        refunds::get_refund(self, None, id).await
+    }
+
+    async fn list_refunds(
+        &self,
+        merchant_id: MerchantId,
+        payment_id: Option<PaymentId>,
+        limit: u32,
+        starting_after: Option<payrail_domain::RefundId>,
+    ) -> Result<Vec<RefundRecord>> {
+        refunds::list_refunds(self, merchant_id, payment_id, limit, starting_after).await
+    }
+
+    async fn apply_refund_transition(&self, t: &RefundTransition) -> Result<bool> {
+        refunds::apply_refund_transition(self, t).await
     }
 
     async fn lease_jobs(

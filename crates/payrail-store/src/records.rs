@@ -3,6 +3,7 @@
 
 use payrail_domain::{
     AppId, AttemptId, AttemptStatus, ChannelAccountId, MerchantId, PaymentId, PaymentStatus,
+    RefundId, RefundStatus,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +140,12 @@ pub struct PaymentRecord {
     pub paid_at_ms: Option<i64>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Sum of its succeeded refunds. Written only by the refund writes (a new payment has 0).
+    pub amount_refunded_minor: i64,
+    /// Sum of its refunds that are processing or succeeded: `amount_refunded_minor ≤
+    /// refund_reserved_minor ≤ amount_minor`, enforced in the write that records a refund and
+    /// by a CHECK constraint.
+    pub refund_reserved_minor: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,4 +325,95 @@ pub struct AlertRecord {
     pub subject_id: String,
     pub detail: String,
     pub created_at_ms: i64,
+}
+
+/// A refund of (part of) a succeeded payment. Its id is the channel's refund request number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRecord {
+    pub id: RefundId,
+    pub payment_id: PaymentId,
+    /// The payment's succeeded attempt: what the channel refunds.
+    pub attempt_id: AttemptId,
+    pub merchant_id: MerchantId,
+    pub app_id: AppId,
+    pub out_refund_no: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub reason: Option<String>,
+    pub channel: String,
+    pub status: RefundStatus,
+    pub version: i64,
+    pub channel_refund_no: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    /// Where the merchant hears about it: the refund request's, else the payment's.
+    pub notify_url: Option<String>,
+    /// JSON object of string values.
+    pub metadata: String,
+    /// As for payments: a retry of the creating request after a crash finds its refund.
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    /// When the refund was first sent; repeats and queries pass it again (UnionPay `txnTime`).
+    pub requested_at_ms: i64,
+    pub refunded_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// A refund to record, with its reservation against the payment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRefund {
+    /// Recorded as given (normally `processing`).
+    pub refund: RefundRecord,
+    /// The payment must still be `succeeded` in this currency, with fewer than this many
+    /// refunds recorded (failed ones included), where the channel has such a limit.
+    pub max_refunds: Option<i64>,
+    pub job: Option<NewJob>,
+    /// The request's admission, claimed in the same write (as for payments).
+    pub admission: Option<Admission>,
+}
+
+/// The payment row as the refund write found it when it refused a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundCeilingState {
+    pub status: PaymentStatus,
+    pub currency: String,
+    pub amount_minor: i64,
+    pub refund_reserved_minor: i64,
+    pub amount_refunded_minor: i64,
+    /// Refunds recorded for the payment, failed ones included.
+    pub refund_count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateRefundOutcome {
+    /// Recorded, its amount reserved, its job scheduled.
+    Created,
+    /// `(merchant, out_refund_no)` exists already (here it is); nothing was reserved.
+    DuplicateOutRefundNo(Box<RefundRecord>),
+    /// The payment's row refused the reservation: not this merchant's (`None`), not
+    /// succeeded, another currency, over the ceiling, or too many refunds. Nothing was written
+    /// but the admission.
+    Refused(Option<RefundCeilingState>),
+    /// The admission in the same write refused the request; nothing was written.
+    NotAdmitted(AdmissionOutcome),
+}
+
+/// A guarded status change of one refund. Leaving `processing` moves the payment's totals in
+/// the same transaction: `succeeded` adds the amount to `amount_refunded_minor`, `failed`
+/// releases it from `refund_reserved_minor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundTransition {
+    pub refund_id: RefundId,
+    pub refund_version: i64,
+    pub status: RefundStatus,
+    pub channel_refund_no: Option<String>,
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
+    pub refunded_at_ms: Option<i64>,
+    pub now_ms: i64,
+    pub event: Option<NewEvent>,
+    pub job: Option<JobUpdate>,
+    /// The idempotent response of the request that caused this change, saved with it.
+    pub idempotency: Option<IdempotencyCompletion>,
 }

@@ -152,7 +152,51 @@ CREATE INDEX alerts_by_subject ON alerts (kind, subject_id);
 "#,
     },
     Migration {
-        version: 6,
+        version: 3,
+        name: "refunds",
+        sql: r#"
+-- Invariant 7, in the payment's own row: refunds processing or succeeded are reserved, refunds
+-- succeeded are refunded, and refunded <= reserved <= paid. A new refund reserves its amount with
+-- a conditional update of this row in the same transaction as its insert; a failed one releases
+-- it, a succeeded one moves it to refunded, each with its status change. The CHECK is the
+-- backstop: a write that would break the order fails and changes nothing.
+ALTER TABLE payments ADD COLUMN amount_refunded_minor BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE payments ADD COLUMN refund_reserved_minor BIGINT NOT NULL DEFAULT 0
+    CHECK (amount_refunded_minor >= 0 AND amount_refunded_minor <= refund_reserved_minor AND refund_reserved_minor <= amount_minor);
+-- Refunds recorded, failed ones included (a channel's limit per payment: WeChat 50).
+ALTER TABLE payments ADD COLUMN refund_count BIGINT NOT NULL DEFAULT 0 CHECK (refund_count >= 0);
+CREATE TABLE refunds (
+    id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL REFERENCES payments(id),
+    attempt_id TEXT NOT NULL REFERENCES payment_attempts(id),
+    merchant_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    out_refund_no TEXT NOT NULL,
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    reason TEXT,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('processing', 'succeeded', 'failed')),
+    version BIGINT NOT NULL,
+    channel_refund_no TEXT,
+    failure_code TEXT,
+    failure_message TEXT,
+    notify_url TEXT,
+    metadata TEXT NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    requested_at_ms BIGINT NOT NULL,
+    refunded_at_ms BIGINT,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    UNIQUE (merchant_id, out_refund_no)
+);
+CREATE INDEX refunds_by_merchant ON refunds (merchant_id, id);
+CREATE INDEX refunds_by_payment ON refunds (payment_id, id);
+"#,
+    },
+    Migration {
+        version: 4,
         name: "channel accounts",
         sql: r#"
 -- An operator-configured account at a channel. `config` holds the public settings (endpoint,

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
+mod refunds;
+
 /// Most writes one transaction takes; bounds commit latency under overload.
 const WRITE_BATCH_MAX: usize = 512;
 /// Writes that may wait for the writer thread; senders wait (backpressure) beyond this.
@@ -398,6 +400,8 @@ fn payment_row(r: &Row<'_>) -> rusqlite::Result<PaymentRecord> {
         paid_at_ms: r.get(19)?,
         created_at_ms: r.get(20)?,
         updated_at_ms: r.get(21)?,
+        amount_refunded_minor: r.get(22)?,
+        refund_reserved_minor: r.get(23)?,
     })
 }
 
@@ -750,7 +754,7 @@ impl Store for SqliteStore {
             }
             let inserted = c
                 .prepare_cached(&format!(
-                    "INSERT INTO payments ({PAYMENT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22) \
+                    "INSERT INTO payments ({PAYMENT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24) \
                      ON CONFLICT (merchant_id, out_trade_no) DO NOTHING"
                 ))
                 .and_then(|mut s| {
@@ -758,7 +762,8 @@ impl Store for SqliteStore {
                         p.id.to_string(), p.merchant_id.to_string(), p.app_id.to_string(), p.out_trade_no, p.amount_minor,
                         p.currency, p.subject, p.method, p.channel, p.status.as_str(), p.version, p.notify_url, p.metadata,
                         p.channel_trade_no, p.failure_code, p.failure_message, p.idempotency_key, p.request_hash,
-                        p.expires_at_ms, p.paid_at_ms, p.created_at_ms, p.updated_at_ms
+                        p.expires_at_ms, p.paid_at_ms, p.created_at_ms, p.updated_at_ms, p.amount_refunded_minor,
+                        p.refund_reserved_minor
                     ])
                 })
                 .map_err(db_err)?;
@@ -1025,6 +1030,44 @@ impl Store for SqliteStore {
             rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)
         })
         .await
+    }
+
+    async fn create_refund(&self, new: &NewRefund) -> Result<CreateRefundOutcome> {
+        refunds::create_refund(self, new).await
+    }
+
+    async fn get_refund(
+        &self,
+        merchant_id: MerchantId,
+        id: payrail_domain::RefundId,
+    ) -> Result<Option<RefundRecord>> {
+        refunds::get_refund(self, Some(merchant_id), id).await
+    }
+
+    async fn get_refund_by_out_refund_no(
+        &self,
+        merchant_id: MerchantId,
+        out_refund_no: &str,
+    ) -> Result<Option<RefundRecord>> {
+        refunds::get_refund_by_out_refund_no(self, merchant_id, out_refund_no).await
+    }
+
+    async fn get_refund_any(&self, id: payrail_domain::RefundId) -> Result<Option<RefundRecord>> {
+        refunds::get_refund(self, None, id).await
+    }
+
+    async fn list_refunds(
+        &self,
+        merchant_id: MerchantId,
+        payment_id: Option<PaymentId>,
+        limit: u32,
+        starting_after: Option<payrail_domain::RefundId>,
+    ) -> Result<Vec<RefundRecord>> {
+        refunds::list_refunds(self, merchant_id, payment_id, limit, starting_after).await
+    }
+
+    async fn apply_refund_transition(&self, t: &RefundTransition) -> Result<bool> {
+        refunds::apply_refund_transition(self, t).await
     }
 
     async fn lease_jobs(

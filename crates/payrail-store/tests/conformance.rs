@@ -11,7 +11,7 @@
 
 use payrail_domain::{
     AppId, AttemptId, AttemptStatus, ChannelAccountId, EventId, MerchantId, PaymentId,
-    PaymentStatus,
+    PaymentStatus, RefundId, RefundStatus,
 };
 use payrail_store::*;
 use std::collections::{BTreeSet, HashSet};
@@ -98,6 +98,8 @@ fn new_payment_at(merchant_id: MerchantId, out_trade_no: &str, t: i64) -> NewPay
             paid_at_ms: None,
             created_at_ms: t,
             updated_at_ms: t,
+            amount_refunded_minor: 0,
+            refund_reserved_minor: 0,
         },
         attempt: AttemptRecord {
             id: AttemptId::generate(t as u64, rand10()),
@@ -1634,6 +1636,641 @@ async fn check_refuses_newer_schema(url: String) {
     }
 }
 
+// --- checks: refunds ------------------------------------------------------------------------
+
+const REFUND_SYNC: &str = "refund_sync";
+
+/// A succeeded payment of `amount_minor` USD and its attempt, as stored.
+async fn paid_payment(
+    store: &DynStore,
+    m: MerchantId,
+    otn: &str,
+    amount_minor: i64,
+) -> (PaymentRecord, AttemptRecord) {
+    let mut new = new_payment(m, otn);
+    new.payment.amount_minor = amount_minor;
+    create(store, &new).await;
+    assert!(store
+        .apply_transition(&succeed(&new.payment, &new.attempt, T0 + 1))
+        .await
+        .unwrap());
+    let p = payment(store, new.payment.id).await;
+    let a = attempts(store, p.id).await.remove(0);
+    (p, a)
+}
+
+fn new_refund(
+    p: &PaymentRecord,
+    a: &AttemptRecord,
+    out_refund_no: &str,
+    amount_minor: i64,
+    t: i64,
+) -> NewRefund {
+    let id = RefundId::generate(t as u64, rand10());
+    NewRefund {
+        refund: RefundRecord {
+            id,
+            payment_id: p.id,
+            attempt_id: a.id,
+            merchant_id: p.merchant_id,
+            app_id: p.app_id,
+            out_refund_no: out_refund_no.into(),
+            amount_minor,
+            currency: p.currency.clone(),
+            reason: Some("returned".into()),
+            channel: p.channel.clone(),
+            status: RefundStatus::Processing,
+            version: 1,
+            channel_refund_no: None,
+            failure_code: None,
+            failure_message: None,
+            notify_url: p.notify_url.clone(),
+            metadata: r#"{"rma":"7"}"#.into(),
+            idempotency_key: Some(format!("idem-{out_refund_no}")),
+            request_hash: Some("hash".into()),
+            requested_at_ms: t,
+            refunded_at_ms: None,
+            created_at_ms: t,
+            updated_at_ms: t,
+        },
+        max_refunds: None,
+        job: Some(NewJob {
+            kind: REFUND_SYNC.into(),
+            subject_id: id.to_string(),
+            run_at_ms: t + 5_000,
+        }),
+        admission: None,
+    }
+}
+
+/// The refund -> `status`, with its event, deleting its job.
+fn refund_done(r: &RefundRecord, status: RefundStatus, t: i64) -> RefundTransition {
+    let ok = status == RefundStatus::Succeeded;
+    RefundTransition {
+        refund_id: r.id,
+        refund_version: r.version,
+        status,
+        channel_refund_no: ok.then(|| format!("chr_{}", r.out_refund_no)),
+        failure_code: (!ok).then(|| "NOT_ENOUGH".to_string()),
+        failure_message: (!ok).then(|| "balance too low".to_string()),
+        refunded_at_ms: ok.then_some(t),
+        now_ms: t,
+        event: Some(NewEvent {
+            id: EventId::generate(t as u64, rand10()).to_string(),
+            merchant_id: r.merchant_id,
+            event_type: format!("refund.{status}"),
+            object_id: r.id.to_string(),
+            payload: format!(r#"{{"id":"{}"}}"#, r.id),
+            created_at_ms: t,
+        }),
+        job: Some(JobUpdate::Delete {
+            kind: REFUND_SYNC.into(),
+            subject_id: r.id.to_string(),
+        }),
+        idempotency: None,
+    }
+}
+
+async fn refund(store: &DynStore, id: RefundId) -> RefundRecord {
+    store
+        .get_refund_any(id)
+        .await
+        .unwrap()
+        .expect("refund exists")
+}
+
+fn totals(p: &PaymentRecord) -> (i64, i64) {
+    (p.refund_reserved_minor, p.amount_refunded_minor)
+}
+
+/// Invariant 7 under concurrency: 20 refunds of 200 against a payment of 1999 race; exactly the
+/// 9 that fit are recorded, never a tenth. Then a failure frees its amount and exactly the rest
+/// fits, not one minor unit more.
+async fn check_refund_ceiling_under_concurrent_writes(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let (p, a) = paid_payment(&store, m, "ceil-1", 1999).await;
+    let barrier = Arc::new(Barrier::new(20));
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        let new = new_refund(&p, &a, &format!("ceil-r{i}"), 200, T0 + 10 + i);
+        tasks.spawn(async move {
+            barrier.wait().await;
+            (new.refund.id, store.create_refund(&new).await.unwrap())
+        });
+    }
+    let outcomes = tasks.join_all().await;
+    let created: Vec<RefundId> = outcomes
+        .iter()
+        .filter(|(_, o)| *o == CreateRefundOutcome::Created)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(created.len(), 9, "9 x 200 <= 1999 < 10 x 200");
+    for (_, o) in &outcomes {
+        match o {
+            CreateRefundOutcome::Created => {}
+            CreateRefundOutcome::Refused(Some(s)) => {
+                assert!(s.refund_reserved_minor + 200 > s.amount_minor, "{s:?}")
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    let p2 = payment(&store, p.id).await;
+    assert_eq!(totals(&p2), (1800, 0));
+    assert_eq!(
+        p2.version, p.version,
+        "a reservation is not a status change"
+    );
+    let listed = store.list_refunds(m, Some(p.id), 100, None).await.unwrap();
+    assert_eq!(listed.len(), 9);
+    assert_eq!(listed.iter().map(|r| r.amount_minor).sum::<i64>(), 1800);
+    assert_eq!(store.count_jobs(REFUND_SYNC).await.unwrap(), 9);
+
+    let first = refund(&store, created[0]).await;
+    let t = refund_done(&first, RefundStatus::Failed, T0 + 100);
+    assert!(store.apply_refund_transition(&t).await.unwrap());
+    let second = refund(&store, created[1]).await;
+    let t = refund_done(&second, RefundStatus::Succeeded, T0 + 101);
+    assert!(store.apply_refund_transition(&t).await.unwrap());
+    assert_eq!(totals(&payment(&store, p.id).await), (1600, 200));
+
+    let over = new_refund(&p, &a, "ceil-over", 400, T0 + 200);
+    assert!(matches!(
+        store.create_refund(&over).await.unwrap(),
+        CreateRefundOutcome::Refused(Some(_))
+    ));
+    assert!(
+        store
+            .get_refund_any(over.refund.id)
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused refund is not recorded"
+    );
+    let rest = new_refund(&p, &a, "ceil-rest", 399, T0 + 201);
+    assert_eq!(
+        store.create_refund(&rest).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    match store
+        .create_refund(&new_refund(&p, &a, "ceil-one", 1, T0 + 202))
+        .await
+        .unwrap()
+    {
+        CreateRefundOutcome::Refused(Some(s)) => assert_eq!(
+            (
+                s.status,
+                s.amount_minor,
+                s.refund_reserved_minor,
+                s.amount_refunded_minor,
+                s.refund_count
+            ),
+            (PaymentStatus::Succeeded, 1999, 1999, 200, 10),
+            "the failed refund still counts towards the number of refunds"
+        ),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    assert_eq!(totals(&payment(&store, p.id).await), (1999, 200));
+}
+
+async fn check_refund_duplicate_out_refund_no(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let (p, a) = paid_payment(&store, m, "dup-1", 1000).await;
+    let first = new_refund(&p, &a, "dup-r", 1000, T0 + 10);
+    assert_eq!(
+        store.create_refund(&first).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    // The same number again, with another id and amount: the existing refund, nothing
+    // reserved — and a duplicate even though the payment has no room left, so a retried full
+    // refund finds its refund.
+    let again = new_refund(&p, &a, "dup-r", 5, T0 + 11);
+    assert_eq!(
+        store.create_refund(&again).await.unwrap(),
+        CreateRefundOutcome::DuplicateOutRefundNo(Box::new(first.refund.clone()))
+    );
+    assert!(store
+        .get_refund_any(again.refund.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(totals(&payment(&store, p.id).await), (1000, 0));
+    assert_eq!(store.count_jobs(REFUND_SYNC).await.unwrap(), 1);
+
+    // Unique per merchant: another merchant may use the number for its own payment.
+    let m2 = merchant_at(T0).id;
+    let (p2, a2) = paid_payment(&store, m2, "dup-2", 1000).await;
+    assert_eq!(
+        store
+            .create_refund(&new_refund(&p2, &a2, "dup-r", 10, T0 + 12))
+            .await
+            .unwrap(),
+        CreateRefundOutcome::Created
+    );
+
+    // Ten writers race with one number: one refund, one reservation.
+    let (p3, a3) = paid_payment(&store, m, "dup-3", 1000).await;
+    let barrier = Arc::new(Barrier::new(10));
+    let mut tasks = JoinSet::new();
+    for i in 0..10 {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        let new = new_refund(&p3, &a3, "dup-c", 100, T0 + 20 + i);
+        tasks.spawn(async move {
+            barrier.wait().await;
+            store.create_refund(&new).await.unwrap()
+        });
+    }
+    let outcomes = tasks.join_all().await;
+    let created = outcomes
+        .iter()
+        .filter(|o| **o == CreateRefundOutcome::Created)
+        .count();
+    assert_eq!(created, 1, "{outcomes:?}");
+    let winner = store
+        .get_refund_by_out_refund_no(m, "dup-c")
+        .await
+        .unwrap()
+        .unwrap();
+    for o in outcomes {
+        if let CreateRefundOutcome::DuplicateOutRefundNo(r) = o {
+            assert_eq!(*r, winner);
+        }
+    }
+    assert_eq!(totals(&payment(&store, p3.id).await), (100, 0));
+}
+
+async fn check_refund_refusals_write_nothing(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let open = new_payment(m, "ref-open");
+    create(&store, &open).await;
+    match store
+        .create_refund(&new_refund(
+            &open.payment,
+            &open.attempt,
+            "r-open",
+            1,
+            T0 + 10,
+        ))
+        .await
+        .unwrap()
+    {
+        CreateRefundOutcome::Refused(Some(s)) => assert_eq!(s.status, PaymentStatus::Created),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+    let (p, a) = paid_payment(&store, m, "ref-paid", 1000).await;
+    // Another merchant's payment is as if it did not exist.
+    let mut foreign = new_refund(&p, &a, "r-foreign", 1, T0 + 11);
+    foreign.refund.merchant_id = merchant_at(T0).id;
+    assert_eq!(
+        store.create_refund(&foreign).await.unwrap(),
+        CreateRefundOutcome::Refused(None)
+    );
+    let mut eur = new_refund(&p, &a, "r-eur", 1, T0 + 12);
+    eur.refund.currency = "EUR".into();
+    assert!(matches!(
+        store.create_refund(&eur).await.unwrap(),
+        CreateRefundOutcome::Refused(Some(s)) if s.currency == "USD"
+    ));
+    // A channel limit of refunds per payment counts failed refunds too.
+    let mut r1 = new_refund(&p, &a, "r-max-1", 1, T0 + 13);
+    r1.max_refunds = Some(2);
+    assert_eq!(
+        store.create_refund(&r1).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    let failed = refund_done(&r1.refund, RefundStatus::Failed, T0 + 14);
+    assert!(store.apply_refund_transition(&failed).await.unwrap());
+    let mut r2 = new_refund(&p, &a, "r-max-2", 1, T0 + 15);
+    r2.max_refunds = Some(2);
+    assert_eq!(
+        store.create_refund(&r2).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    let mut r3 = new_refund(&p, &a, "r-max-3", 1, T0 + 16);
+    r3.max_refunds = Some(2);
+    assert!(matches!(
+        store.create_refund(&r3).await.unwrap(),
+        CreateRefundOutcome::Refused(Some(s)) if s.refund_count == 2
+    ));
+    // Only r1 (failed, its job gone) and r2 (processing, its job) were written.
+    let listed = store.list_refunds(m, None, 100, None).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![r2.refund.id, r1.refund.id]
+    );
+    assert_eq!(store.count_jobs(REFUND_SYNC).await.unwrap(), 1);
+    assert_eq!(totals(&payment(&store, p.id).await), (1, 0));
+    let events = store.list_events(m, 0, 100).await.unwrap();
+    let refund_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.event_type.starts_with("refund."))
+        .collect();
+    assert_eq!(refund_events.len(), 1);
+    assert_eq!(refund_events[0].object_id, r1.refund.id.to_string());
+}
+
+async fn check_refund_transitions_move_totals_once(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let (p, a) = paid_payment(&store, m, "t-1", 1000).await;
+    let new = new_refund(&p, &a, "t-r1", 300, T0 + 10);
+    assert_eq!(
+        store.create_refund(&new).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    let r = refund(&store, new.refund.id).await;
+    assert_eq!(r, new.refund, "every field round-trips");
+    let before = payment(&store, p.id).await;
+    assert_eq!(totals(&before), (300, 0));
+    assert_eq!(before.updated_at_ms, T0 + 10);
+
+    // A stale version writes nothing.
+    let mut stale = refund_done(&r, RefundStatus::Succeeded, T0 + 20);
+    stale.refund_version = 7;
+    assert!(!store.apply_refund_transition(&stale).await.unwrap());
+    assert_eq!(refund(&store, r.id).await, r);
+    assert_eq!(payment(&store, p.id).await, before);
+    assert!(store.list_events(m, 0, 100).await.unwrap().len() == 1);
+    assert_eq!(store.count_jobs(REFUND_SYNC).await.unwrap(), 1);
+
+    // processing -> succeeded: refunded total, event, job and idempotent answer together.
+    let scope = m.to_string();
+    assert_eq!(
+        admit_key(&store, &scope, "k-refund", "h-refund", T0).await,
+        IdempotencyState::New
+    );
+    let mut done = refund_done(&r, RefundStatus::Succeeded, T0 + 20);
+    done.idempotency = Some(completion(&scope, "k-refund", T0, 200, r#"{"r":1}"#));
+    assert!(store.apply_refund_transition(&done).await.unwrap());
+    let r2 = refund(&store, r.id).await;
+    assert_eq!(
+        (
+            r2.status,
+            r2.version,
+            r2.channel_refund_no.as_deref(),
+            r2.refunded_at_ms,
+            r2.updated_at_ms
+        ),
+        (
+            RefundStatus::Succeeded,
+            2,
+            Some("chr_t-r1"),
+            Some(T0 + 20),
+            T0 + 20
+        )
+    );
+    let after = payment(&store, p.id).await;
+    assert_eq!(totals(&after), (300, 300));
+    assert_eq!(
+        (after.status, after.version, after.updated_at_ms),
+        (PaymentStatus::Succeeded, before.version, T0 + 20)
+    );
+    let events = store.list_events(m, 0, 100).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.event_type.as_str(), last.object_id.clone()),
+        ("refund.succeeded", r.id.to_string())
+    );
+    assert_eq!(store.count_jobs(REFUND_SYNC).await.unwrap(), 0);
+    assert_eq!(
+        admit_key(&store, &scope, "k-refund", "h-refund", T0 + 30).await,
+        IdempotencyState::Replay {
+            status: 200,
+            body: r#"{"r":1}"#.into()
+        }
+    );
+
+    // A final refund never changes again, even with its current version: the totals moved once.
+    for status in [RefundStatus::Failed, RefundStatus::Succeeded] {
+        let again = refund_done(&r2, status, T0 + 40);
+        assert!(!store.apply_refund_transition(&again).await.unwrap());
+    }
+    assert_eq!(refund(&store, r.id).await, r2);
+    assert_eq!(payment(&store, p.id).await, after);
+    assert_eq!(
+        store.list_events(m, 0, 100).await.unwrap().len(),
+        events.len()
+    );
+
+    // processing -> failed releases the reservation.
+    let new2 = new_refund(&p, &a, "t-r2", 700, T0 + 50);
+    assert_eq!(
+        store.create_refund(&new2).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    assert_eq!(totals(&payment(&store, p.id).await), (1000, 300));
+    let fail = refund_done(&new2.refund, RefundStatus::Failed, T0 + 60);
+    assert!(store.apply_refund_transition(&fail).await.unwrap());
+    assert_eq!(totals(&payment(&store, p.id).await), (300, 300));
+    let failed = refund(&store, new2.refund.id).await;
+    assert_eq!(
+        (
+            failed.status,
+            failed.failure_code.as_deref(),
+            failed.refunded_at_ms
+        ),
+        (RefundStatus::Failed, Some("NOT_ENOUGH"), None)
+    );
+}
+
+async fn check_concurrent_refund_transitions_one_winner(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let (p, a) = paid_payment(&store, m, "race-r", 1000).await;
+    let new = new_refund(&p, &a, "race-r1", 600, T0 + 10);
+    assert_eq!(
+        store.create_refund(&new).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    let barrier = Arc::new(Barrier::new(20));
+    let mut tasks = JoinSet::new();
+    for i in 0..20 {
+        let (store, barrier) = (store.clone(), barrier.clone());
+        let status = if i % 2 == 0 {
+            RefundStatus::Succeeded
+        } else {
+            RefundStatus::Failed
+        };
+        let t = refund_done(&new.refund, status, T0 + 20 + i);
+        tasks.spawn(async move {
+            barrier.wait().await;
+            store.apply_refund_transition(&t).await.unwrap()
+        });
+    }
+    let wins = tasks.join_all().await.into_iter().filter(|w| *w).count();
+    assert_eq!(wins, 1, "optimistic lock let {wins} writers win");
+    let r = refund(&store, new.refund.id).await;
+    assert_eq!(r.version, 2);
+    let want = match r.status {
+        RefundStatus::Succeeded => (600, 600),
+        RefundStatus::Failed => (0, 0),
+        RefundStatus::Processing => panic!("nobody won"),
+    };
+    assert_eq!(totals(&payment(&store, p.id).await), want);
+    let events = store.list_events(m, 0, 100).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type.starts_with("refund."))
+            .count(),
+        1
+    );
+}
+
+async fn check_refund_reads_scoped_by_merchant(store: DynStore) {
+    let (m, other) = (merchant_at(T0).id, merchant_at(T0).id);
+    let (p, a) = paid_payment(&store, m, "read-p", 1000).await;
+    let (q, b) = paid_payment(&store, m, "read-q", 1000).await;
+    let r1 = new_refund(&p, &a, "read-1", 10, T0 + 1_000);
+    let r2 = new_refund(&q, &b, "read-2", 10, T0 + 2_000);
+    let r3 = new_refund(&p, &a, "read-3", 10, T0 + 3_000);
+    for r in [&r1, &r2, &r3] {
+        assert_eq!(
+            store.create_refund(r).await.unwrap(),
+            CreateRefundOutcome::Created
+        );
+    }
+    let (id1, id2, id3) = (r1.refund.id, r2.refund.id, r3.refund.id);
+    assert!(store.get_refund(m, id1).await.unwrap().is_some());
+    assert!(store.get_refund(other, id1).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .get_refund_by_out_refund_no(m, "read-2")
+            .await
+            .unwrap()
+            .map(|r| r.id),
+        Some(id2)
+    );
+    assert!(store
+        .get_refund_by_out_refund_no(other, "read-2")
+        .await
+        .unwrap()
+        .is_none());
+    let ids = |rows: Vec<RefundRecord>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_refunds(m, None, 10, None).await.unwrap()),
+        vec![id3, id2, id1]
+    );
+    assert_eq!(
+        ids(store.list_refunds(m, None, 10, Some(id2)).await.unwrap()),
+        vec![id1]
+    );
+    assert_eq!(
+        ids(store.list_refunds(m, Some(p.id), 10, None).await.unwrap()),
+        vec![id3, id1]
+    );
+    assert_eq!(
+        ids(store.list_refunds(m, Some(p.id), 1, None).await.unwrap()),
+        vec![id3]
+    );
+    assert_eq!(
+        ids(store
+            .list_refunds(m, Some(p.id), 10, Some(id3))
+            .await
+            .unwrap()),
+        vec![id1]
+    );
+    assert!(store
+        .list_refunds(other, None, 10, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .list_refunds(other, Some(p.id), 10, None)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn check_refund_create_admits_in_the_same_write(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let (p, a) = paid_payment(&store, m, "adm-1", 1000).await;
+    let scope = m.to_string();
+    let admission = |n: &str, key: &str| Admission {
+        now_ms: T0,
+        nonce: nonce("key_refunds", n, T0 / 1000),
+        idempotency: idem(&scope, key, "h-adm", T0),
+    };
+    let mut first = new_refund(&p, &a, "adm-r1", 100, T0 + 10);
+    first.admission = Some(admission("nonce-adm-1", "k-adm-1"));
+    assert_eq!(
+        store.create_refund(&first).await.unwrap(),
+        CreateRefundOutcome::Created
+    );
+    // The same nonce again: refused, nothing written.
+    let mut replayed = new_refund(&p, &a, "adm-r2", 100, T0 + 11);
+    replayed.admission = Some(admission("nonce-adm-1", "k-adm-2"));
+    assert_eq!(
+        store.create_refund(&replayed).await.unwrap(),
+        CreateRefundOutcome::NotAdmitted(AdmissionOutcome::NonceReused)
+    );
+    // The same key while the first request runs: refused, nothing written.
+    let mut concurrent = new_refund(&p, &a, "adm-r3", 100, T0 + 12);
+    concurrent.admission = Some(admission("nonce-adm-3", "k-adm-1"));
+    assert_eq!(
+        store.create_refund(&concurrent).await.unwrap(),
+        CreateRefundOutcome::NotAdmitted(AdmissionOutcome::Admitted(Some(
+            IdempotencyState::InProgress
+        )))
+    );
+    for r in [&replayed, &concurrent] {
+        assert!(store.get_refund_any(r.refund.id).await.unwrap().is_none());
+    }
+    assert_eq!(totals(&payment(&store, p.id).await), (100, 0));
+    assert_eq!(store.count_jobs(REFUND_SYNC).await.unwrap(), 1);
+    // A refused reservation keeps its admission: the key is in progress, to be completed with
+    // the refusal by the caller.
+    let mut over = new_refund(&p, &a, "adm-r4", 1000, T0 + 13);
+    over.admission = Some(admission("nonce-adm-4", "k-adm-4"));
+    assert!(matches!(
+        store.create_refund(&over).await.unwrap(),
+        CreateRefundOutcome::Refused(Some(_))
+    ));
+    assert!(store
+        .complete_idempotency(&completion(&scope, "k-adm-4", T0, 409, "{}"))
+        .await
+        .unwrap());
+}
+
+/// The database itself refuses refund totals out of order (the backstop behind the guarded
+/// writes): refunded <= reserved <= paid.
+async fn check_refund_totals_are_constrained(url: String) {
+    let store = open_store(&url).await;
+    let m = merchant_at(T0).id;
+    let (p, _) = paid_payment(&store, m, "chk-1", 1000).await;
+    drop(store);
+    let id = p.id;
+    for (sql, ok) in [
+        (format!("UPDATE payments SET refund_reserved_minor = 1001 WHERE id = '{id}'"), false),
+        (format!("UPDATE payments SET amount_refunded_minor = 1 WHERE id = '{id}'"), false),
+        (format!("UPDATE payments SET refund_reserved_minor = -1 WHERE id = '{id}'"), false),
+        (format!("UPDATE payments SET refund_count = -1 WHERE id = '{id}'"), false),
+        (format!("UPDATE payments SET refund_reserved_minor = 1000, amount_refunded_minor = 1000 WHERE id = '{id}'"), true),
+    ] {
+        assert_eq!(raw_try_execute(&url, &sql).await.is_ok(), ok, "{sql}");
+    }
+    let store = open_store(&url).await;
+    assert_eq!(totals(&payment(&store, id).await), (1000, 1000));
+}
+
+/// Like [`raw_execute`], reporting the error instead of failing.
+async fn raw_try_execute(url: &str, sql: &str) -> Result<(), String> {
+    if url.starts_with("postgres") {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let out = client.batch_execute(sql).await.map_err(|e| e.to_string());
+        drop(client);
+        let _ = conn.await;
+        out
+    } else {
+        let path = url.strip_prefix("sqlite://").unwrap_or(url);
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(sql)
+            .map_err(|e| e.to_string())
+    }
+}
+
 // --- backends -------------------------------------------------------------------------------
 
 async fn run_isolated<Fut>(check: Fut, cleanup: impl Future<Output = ()>)
@@ -1776,11 +2413,19 @@ conformance! {
         check_list_job_subjects,
         check_channel_accounts_and_attempt_lookup,
         check_prune,
+        check_refund_ceiling_under_concurrent_writes,
+        check_refund_duplicate_out_refund_no,
+        check_refund_refusals_write_nothing,
+        check_refund_transitions_move_totals_once,
+        check_concurrent_refund_transitions_one_winner,
+        check_refund_reads_scoped_by_merchant,
+        check_refund_create_admits_in_the_same_write,
     ],
     urls: [
         check_data_survives_reopen,
         check_concurrent_first_opens,
         check_refuses_newer_schema,
+        check_refund_totals_are_constrained,
     ],
 }
 
