@@ -14,6 +14,7 @@ pub mod money;
 pub mod payment;
 pub mod secret;
 pub mod signing;
+pub mod webhook;
 
 pub use channel::ChannelOutcome;
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -4,11 +4,13 @@
 
 pub mod auth;
 pub mod crypto;
+pub mod feed;
 pub mod ids;
 pub mod merchants;
 pub mod metrics;
 pub mod payments;
 pub mod views;
+pub mod webhooks;
 pub mod worker;
 
 use payrail_channels::Registry;
@@ -38,6 +40,12 @@ pub struct EngineConfig {
     pub idempotency_retention_ms: i64,
     /// How long an authenticated app (and its merchant's status) stays cached.
     pub auth_cache_ttl_ms: i64,
+    /// Longest wait for one webhook delivery: connect, send, and the answer's status and first
+    /// bytes. Past it the attempt failed (`timeout`) and the next one is scheduled.
+    pub webhook_timeout_ms: u64,
+    /// Deliver webhooks to loopback, private and other special addresses. Off in production
+    /// (SSRF guard); on for local development and the tests' loopback receivers.
+    pub webhook_allow_private_targets: bool,
 }
 
 impl EngineConfig {
@@ -64,6 +72,8 @@ impl Default for EngineConfig {
             idempotency_stale_ms: 60_000,
             idempotency_retention_ms: 24 * 3600 * 1000,
             auth_cache_ttl_ms: 5_000,
+            webhook_timeout_ms: 10_000,
+            webhook_allow_private_targets: false,
         }
     }
 }
@@ -104,6 +114,9 @@ pub struct Engine {
     pub master_key: crypto::MasterKey,
     pub config: EngineConfig,
     pub metrics: metrics::Metrics,
+    /// The real-time event feed (SSE) and the in-process "an event was written" signal.
+    pub feed: feed::Feed,
+    webhooks: webhooks::Webhooks,
     auth_cache: auth::AuthCache,
 }
 
@@ -116,7 +129,10 @@ impl Engine {
         config: EngineConfig,
     ) -> Engine {
         let config = config.normalised();
+        let webhooks = webhooks::Webhooks::new(&config);
         Engine {
+            feed: feed::Feed::new(store.clone()),
+            webhooks,
             store,
             channels,
             ids: ids::IdGen::new(clock.clone()),

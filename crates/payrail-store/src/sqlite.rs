@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
+mod webhooks;
+
 /// Most writes one transaction takes; bounds commit latency under overload.
 const WRITE_BATCH_MAX: usize = 512;
 /// Writes that may wait for the writer thread; senders wait (backpressure) beyond this.
