@@ -20,6 +20,10 @@ use std::sync::Arc;
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
+#[path = "conformance/webhooks.rs"]
+mod webhooks;
+use webhooks::*;
+
 const PG_URL_VAR: &str = "PAYRAIL_TEST_POSTGRES_URL";
 /// A fixed "now" for fixtures; ids are generated from times after it.
 const T0: i64 = 1_750_000_000_000;
@@ -1667,6 +1671,9 @@ conformance! {
         check_concurrent_leases_hand_out_each_job_once,
         check_alerts_newest_first,
         check_prune,
+        check_outbox_reads_across_merchants,
+        check_dispatch_schedules_each_event_once,
+        check_attempts_resends_and_log,
     ],
     urls: [
         check_data_survives_reopen,
