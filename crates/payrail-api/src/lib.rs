@@ -3,6 +3,7 @@
 //! rules of their own.
 
 pub mod error;
+mod events;
 mod merchant;
 mod middleware;
 mod operator;
@@ -31,6 +32,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .route("/openapi.json", get(openapi))
         .merge(merchant::router())
         .merge(operator::router())
+        .merge(events::router())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

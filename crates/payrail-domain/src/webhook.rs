@@ -108,7 +108,7 @@ pub fn verify_signature(
     }
     let t = timestamp.ok_or(SignatureError::Malformed)?;
     match now_s.checked_sub(t) {
-        Some(d) if (-tolerance_s..=tolerance_s).contains(&d) => {}
+        Some(d) if d.checked_abs().is_some_and(|a| a <= tolerance_s) => {}
         _ => return Err(SignatureError::Stale),
     }
     let matched = candidates.iter().any(|c| {

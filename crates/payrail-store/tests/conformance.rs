@@ -1674,6 +1674,7 @@ conformance! {
         check_outbox_reads_across_merchants,
         check_dispatch_schedules_each_event_once,
         check_attempts_resends_and_log,
+        check_outbox_numbering_order,
     ],
     urls: [
         check_data_survives_reopen,

@@ -438,3 +438,34 @@ pub(crate) async fn check_attempts_resends_and_log(store: DynStore) {
     assert_eq!(store.count_jobs(WEBHOOK).await.unwrap(), 0);
     assert_eq!(store.count_pending_deliveries().await.unwrap(), 0);
 }
+
+/// Regression: PostgreSQL numbered the events of one numbering pass in whatever order the
+/// UPDATE happened to visit them (heap order), not by creation time as intended, so a
+/// merchant's events could be read (and streamed) out of the order they were created in.
+/// Contract: SQLite numbers in commit order; PostgreSQL numbers the events committed since its
+/// last pass by creation time, then id. Here creation times run against commit order, so the
+/// two backends must give exactly opposite orders.
+pub(crate) async fn check_outbox_numbering_order(store: DynStore) {
+    let m = merchant_at(T0).id;
+    let mut committed = Vec::new();
+    for i in 0..40 {
+        let new = new_payment_at(m, &format!("ord-{i}"), T0 + i);
+        create(&store, &new).await;
+        let t = succeed(&new.payment, &new.attempt, T0 + 10_000 - i);
+        committed.push(t.event.as_ref().unwrap().id.clone());
+        assert!(store.apply_transition(&t).await.unwrap());
+    }
+    // One read numbers all of them in one pass.
+    let read: Vec<String> = store
+        .list_events(m, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let mut expected = committed.clone();
+    if store.backend() == "postgres" {
+        expected.reverse();
+    }
+    assert_eq!(read, expected);
+}
