@@ -41,6 +41,9 @@ pub const FEED_POLL_MS: u64 = 1_000;
 pub const RESYNC_MS: u64 = 30_000;
 /// Pause after a storage error in the pump.
 const PUMP_ERROR_BACKOFF_MS: u64 = 1_000;
+/// After a read that found events, the pump waits this long before the next one, so under load
+/// one read covers many commits.
+const PUMP_COALESCE_MS: u64 = 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FeedError {
@@ -255,6 +258,7 @@ async fn pump(inner: Weak<Inner>, store: DynStore) {
             return;
         }
         let mut backoff = false;
+        let mut found = false;
         if !feed.has_streams() {
             head = None;
         } else if let Some(mut h) = head {
@@ -264,6 +268,7 @@ async fn pump(inner: Weak<Inner>, store: DynStore) {
                         for e in &page {
                             feed.bump(e.merchant_id, e.seq);
                             h = e.seq;
+                            found = true;
                         }
                         head = Some(h);
                         if page.len() < FEED_PAGE as usize {
@@ -291,6 +296,12 @@ async fn pump(inner: Weak<Inner>, store: DynStore) {
             }
         }
         drop(feed);
+        if found {
+            tokio::select! {
+                _ = closing.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(PUMP_COALESCE_MS)) => {}
+            }
+        }
         let wait_ms = if backoff {
             PUMP_ERROR_BACKOFF_MS
         } else {

@@ -44,6 +44,10 @@ pub const MANUAL_RESENDS_MAX: i64 = 20;
 const PENDING_GAUGE_PERIOD_MS: u64 = 5_000;
 /// Pause after a storage error before polling again.
 const ERROR_BACKOFF_MS: u64 = 1_000;
+/// After a pass that found events, the dispatcher waits this long before the next one, so that
+/// under load one pass (one write) covers many events instead of one pass per commit. A lone
+/// event after a quiet spell is dispatched at once.
+const DISPATCH_COALESCE_MS: u64 = 100;
 /// Characters of an answer's body kept in the delivery log.
 const LOG_BODY_MAX_CHARS: usize = 1024;
 
@@ -553,7 +557,14 @@ pub async fn run_webhook_dispatcher(engine: Arc<Engine>, mut shutdown: watch::Re
         let wait_ms = match engine.dispatch_webhooks_once().await {
             // A full batch: more may be waiting.
             Ok(n) if n >= DISPATCH_BATCH as usize => continue,
-            Ok(_) => engine.config.worker_poll_ms,
+            Ok(0) => engine.config.worker_poll_ms,
+            Ok(_) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(DISPATCH_COALESCE_MS)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "webhook dispatcher: pass failed");
                 ERROR_BACKOFF_MS
