@@ -19,6 +19,10 @@ enum Reply {
     Status(u16),
     /// Never answers (the sender's timeout fires).
     Hang,
+    /// 302 to the same URL: following it would show as one more request.
+    Redirect,
+    /// A status with a 1 MB body.
+    Large(u16),
 }
 
 #[derive(Clone, Debug)]
@@ -62,6 +66,7 @@ impl Receiver {
                 move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
                     let state = shared.clone();
                     async move {
+                        use axum::response::IntoResponse;
                         let reply = {
                             let mut s = state.lock().unwrap();
                             s.received.push(Received {
@@ -75,14 +80,23 @@ impl Receiver {
                             });
                             s.script.pop_front().unwrap_or(Reply::Status(200))
                         };
+                        let status = |code| axum::http::StatusCode::from_u16(code).unwrap();
                         match reply {
-                            Reply::Status(code) => (
-                                axum::http::StatusCode::from_u16(code).unwrap(),
-                                format!("receiver says {code}"),
-                            ),
+                            Reply::Status(code) => {
+                                (status(code), format!("receiver says {code}")).into_response()
+                            }
                             Reply::Hang => {
                                 tokio::time::sleep(Duration::from_secs(60)).await;
-                                (axum::http::StatusCode::OK, "too late".into())
+                                (status(200), "too late").into_response()
+                            }
+                            Reply::Redirect => (
+                                status(302),
+                                [(axum::http::header::LOCATION, "/hook")],
+                                "moved",
+                            )
+                                .into_response(),
+                            Reply::Large(code) => {
+                                (status(code), "x".repeat(1 << 20)).into_response()
                             }
                         }
                     }
@@ -389,7 +403,14 @@ both!(
         let Some(h) = hook_harness(b, true).await else {
             return;
         };
-        let rx = Receiver::start(&[Reply::Status(500), Reply::Hang, Reply::Status(204)]).await;
+        let rx = Receiver::start(&[
+            Reply::Status(500),
+            Reply::Hang,
+            Reply::Redirect,
+            Reply::Large(503),
+            Reply::Status(204),
+        ])
+        .await;
         let (_, c) = h.merchant("Shop").await;
         let pid = pay(&h, &c, 1001, "retry", Some(&rx.url)).await;
         let event = event_of(&h, &c, &pid).await;
@@ -417,12 +438,15 @@ both!(
         let d = h.engine.store.get_delivery(&eid).await.unwrap().unwrap();
         assert_eq!(d.next_attempt_at_ms, Some(h.clock.now_ms() + 60_000));
 
-        // Attempt 3: 204 — delivered; nothing more after that.
-        h.clock.advance_ms(60_000);
-        until("attempt 3", || async {
-            attempts_logged(&h, &eid).await == 3
-        })
-        .await;
+        // Attempt 3: a redirect, not followed. Attempt 4: 503 with a 1 MB body, of which 4 KiB
+        // are read and 1,024 characters kept. Attempt 5: 204 — delivered; nothing more after.
+        for (n, wait_s) in [(3, 60), (4, 300), (5, 900)] {
+            h.clock.advance_ms(wait_s * 1000);
+            until(&format!("attempt {n}"), || async {
+                attempts_logged(&h, &eid).await == n
+            })
+            .await;
+        }
         let log = deliveries(&h, &c, &eid).await;
         assert_eq!(log["delivery"]["status"], "delivered", "{log}");
         let rows = log["data"].as_array().unwrap();
@@ -439,26 +463,33 @@ both!(
         assert_eq!(
             summary,
             vec![
-                (3, json!(204), Value::Null),
+                (5, json!(204), Value::Null),
+                (4, json!(503), json!("http_status")),
+                (3, json!(302), json!("redirect_not_followed")),
                 (2, Value::Null, json!("timeout")),
                 (1, json!(500), json!("http_status")),
             ]
         );
-        assert_eq!(rows[2]["response_body"], "receiver says 500");
+        assert_eq!(rows[4]["response_body"], "receiver says 500");
+        assert_eq!(rows[1]["response_body"], "x".repeat(1024));
         assert!(
-            rows[1]["latency_ms"].as_i64().unwrap() >= 300,
+            rows[3]["latency_ms"].as_i64().unwrap() >= 300,
             "{}",
-            rows[1]
+            rows[3]
         );
         let headers: Vec<String> = rx
             .received()
             .iter()
             .map(|r| r.header("payrail-delivery-attempt").unwrap().to_string())
             .collect();
-        assert_eq!(headers, ["1", "2", "3"]);
+        assert_eq!(
+            headers,
+            ["1", "2", "3", "4", "5"],
+            "the redirect was not followed"
+        );
         h.clock.advance_ms(24 * 3600 * 1000);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(rx.count(), 3, "stops on 2xx");
+        assert_eq!(rx.count(), 5, "stops on 2xx");
 
         // Connection refused: a port nobody listens on.
         let closed = {
@@ -490,7 +521,13 @@ both!(
             (h.clock.now_ms() + 15_000) / 1000
         );
         let (_, m) = h.client.get("/metrics").await.unwrap();
-        for outcome in ["http_status", "timeout", "connect_failed", "delivered"] {
+        for outcome in [
+            "http_status",
+            "timeout",
+            "redirect_not_followed",
+            "connect_failed",
+            "delivered",
+        ] {
             assert!(
                 m.contains(&format!(
                     "payrail_webhook_attempts_total{{outcome=\"{outcome}\"}}"
