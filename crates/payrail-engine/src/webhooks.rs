@@ -97,6 +97,27 @@ impl From<payrail_store::StoreError> for WebhookError {
     }
 }
 
+/// The part of an event payload the dispatcher reads: `data.object`'s target fields.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    data: EnvelopeData,
+}
+
+#[derive(serde::Deserialize)]
+struct EnvelopeData {
+    object: TargetFields,
+}
+
+#[derive(serde::Deserialize)]
+struct TargetFields {
+    #[serde(default)]
+    notify_url: Option<String>,
+    #[serde(default)]
+    app_id: Option<String>,
+    #[serde(default)]
+    payment_id: Option<String>,
+}
+
 /// Where an event goes: found in its object, or in the payment its object belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Target {
@@ -114,23 +135,18 @@ impl Engine {
     }
 
     async fn delivery_target(&self, e: &EventRecord) -> Result<Option<Target>, EngineError> {
-        let Ok(v) = serde_json::from_str::<Value>(&e.payload) else {
-            tracing::warn!(event_id = %e.id, "outbox event payload is not JSON; not delivered");
+        // Only the three fields are decoded; the rest of the payload is skipped, not built.
+        let Ok(envelope) = serde_json::from_str::<Envelope>(&e.payload) else {
+            tracing::warn!(event_id = %e.id, "outbox event payload is not an event; not delivered");
             return Ok(None);
         };
-        let object = &v["data"]["object"];
-        let text = |k: &str| {
-            object[k]
-                .as_str()
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-        };
-        let mut url = text("notify_url");
-        let mut app_id = text("app_id").and_then(|a| a.parse::<AppId>().ok());
+        let object = envelope.data.object;
+        let text = |v: Option<String>| v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        let mut url = text(object.notify_url);
+        let mut app_id = text(object.app_id).and_then(|a| a.parse::<AppId>().ok());
         if url.is_none() || app_id.is_none() {
             // A refund (or any object of a payment) without its own target uses the payment's.
-            if let Some(pid) = text("payment_id").and_then(|p| p.parse::<PaymentId>().ok()) {
+            if let Some(pid) = text(object.payment_id).and_then(|p| p.parse::<PaymentId>().ok()) {
                 if let Some(p) = self.store.get_payment(e.merchant_id, pid).await? {
                     url = url.or(p.notify_url);
                     app_id = app_id.or(Some(p.app_id));
@@ -355,13 +371,20 @@ impl Engine {
         event: &EventRecord,
         attempt_no: i64,
     ) -> Result<transport::Sent, EngineError> {
-        let Some(app) = self.store.get_app(d.app_id).await? else {
+        // An app of another merchant must never sign this merchant's events.
+        let app = self
+            .store
+            .get_app(d.app_id)
+            .await?
+            .filter(|a| a.merchant_id == d.merchant_id);
+        let Some(app) = app else {
             return Ok(transport::Sent {
                 status_code: None,
                 body: None,
                 failure: Some(transport::Failure {
                     class: "app_missing",
-                    message: "the app that created the object no longer exists".into(),
+                    message: "the app that created the object does not exist (for this merchant)"
+                        .into(),
                     permanent: true,
                 }),
             });

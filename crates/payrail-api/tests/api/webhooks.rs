@@ -1290,3 +1290,118 @@ both!(
         assert_eq!(e.status, 503);
     }
 );
+
+// --- other event types ----------------------------------------------------------------------
+
+/// Refund events will be written by the refunds work; delivery must need no change for them.
+/// Here two are written straight into the outbox (with a status change of their payment, as
+/// every event is): one without a notify URL of its own goes to its payment's, signed with the
+/// payment's app; one with its own goes there.
+both!(
+    any_outbox_event_is_delivered_to_its_objects_target,
+    |b| async move {
+        let Some(h) = hook_harness(b, true).await else {
+            return;
+        };
+        let (payment_rx, refund_rx) = (Receiver::start(&[]).await, Receiver::start(&[]).await);
+        let (_, c) = h.merchant("Shop").await;
+        // 1004 leaves the payment open (processing): it has no event of its own.
+        let pid = pay(&h, &c, 1004, "refunded", Some(&payment_rx.url)).await;
+        let payment_id: payrail_domain::PaymentId = pid.parse().unwrap();
+        let p = h
+            .engine
+            .store
+            .get_payment_any(payment_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let now = h.clock.now_ms();
+        let refund_event = |event_type: &str, refund: Value, now: i64| {
+            let id = h.engine.ids.next::<payrail_domain::id::Event>().to_string();
+            let payload = json!({"id": id, "object": "event", "type": event_type, "created": now / 1000,
+                                 "data": {"object": refund}});
+            payrail_store::NewEvent {
+                id,
+                merchant_id: p.merchant_id,
+                event_type: event_type.into(),
+                object_id: refund["id"].as_str().unwrap().into(),
+                payload: payload.to_string(),
+                created_at_ms: now,
+            }
+        };
+        let events = [
+            refund_event(
+                "refund.succeeded",
+                json!({"id": "re_1", "object": "refund", "payment_id": pid, "amount": 100, "status": "succeeded", "notify_url": null}),
+                now,
+            ),
+            refund_event(
+                "refund.failed",
+                json!({"id": "re_2", "object": "refund", "payment_id": pid, "amount": 50, "status": "failed", "notify_url": refund_rx.url}),
+                now + 1,
+            ),
+        ];
+        for e in &events {
+            let p = h
+                .engine
+                .store
+                .get_payment_any(payment_id)
+                .await
+                .unwrap()
+                .unwrap();
+            let a = h
+                .engine
+                .store
+                .get_attempts(payment_id)
+                .await
+                .unwrap()
+                .remove(0);
+            let t = payrail_store::Transition {
+                payment_id,
+                payment_version: p.version,
+                payment_status: p.status,
+                attempt_id: a.id,
+                attempt_version: a.version,
+                attempt_status: a.status,
+                channel_trade_no: None,
+                failure_code: None,
+                failure_message: None,
+                paid_at_ms: None,
+                now_ms: now,
+                event: Some(e.clone()),
+                job: None,
+                idempotency: None,
+            };
+            assert!(h.engine.store.apply_transition(&t).await.unwrap());
+        }
+        until("both deliveries", || async {
+            payment_rx.count() == 1 && refund_rx.count() == 1
+        })
+        .await;
+        for (rx, e) in [(&payment_rx, &events[0]), (&refund_rx, &events[1])] {
+            let got = rx.received().remove(0);
+            assert_eq!(got.header("payrail-event-id"), Some(e.id.as_str()));
+            assert_eq!(
+                got.header("payrail-event-type"),
+                Some(e.event_type.as_str())
+            );
+            assert_eq!(got.body, e.payload.as_bytes());
+            let header = got.header("payrail-signature").unwrap();
+            let (t, v1) = header.split_once(",v1=").unwrap();
+            assert_eq!(
+                v1,
+                expected_signature(&c.secret, t.strip_prefix("t=").unwrap(), &got.body),
+                "signed with the payment's app"
+            );
+        }
+        // They are the merchant's events like any other.
+        let list = get_at(&h, &c, "/v1/events").await;
+        let types: Vec<&str> = list.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["refund.failed", "refund.succeeded"]);
+    }
+);
