@@ -1293,10 +1293,10 @@ both!(
 
 // --- other event types ----------------------------------------------------------------------
 
-/// Refund events will be written by the refunds work; delivery must need no change for them.
-/// Here two are written straight into the outbox (with a status change of their payment, as
-/// every event is): one without a notify URL of its own goes to its payment's, signed with the
-/// payment's app; one with its own goes there.
+// Refund events will be written by the refunds work; delivery must need no change for them.
+// Here two are written straight into the outbox (with a status change of their payment, as
+// every event is): one without a notify URL of its own goes to its payment's, signed with the
+// payment's app; one with its own goes there.
 both!(
     any_outbox_event_is_delivered_to_its_objects_target,
     |b| async move {
