@@ -311,14 +311,15 @@ const OUTBOX_SEQUENCE_BATCH: i64 = 10_000;
 async fn sequence_outbox(client: &mut deadpool_postgres::Object) -> Result<()> {
     let tx = client.transaction().await.map_err(pg_err)?;
     execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&OUTBOX_LOCK]).await?;
-    // The numbers are drawn in the sorted subquery, so they follow (created_at_ms, id). (An
-    // `UPDATE … WHERE id IN (sorted subquery)` draws them in whatever order the join visits
-    // the rows — heap order — and a merchant's events could be read out of order.)
+    // The numbers are drawn in the sorted subquery, so they follow insertion order (the
+    // `inserted` column, migration 4). (An `UPDATE … WHERE id IN (sorted subquery)` draws them
+    // in whatever order the join visits the rows — heap order — and a merchant's events could
+    // be read out of the order they were created in.)
     execute(
         &tx,
         "UPDATE outbox SET seq = numbered.position FROM \
          (SELECT id, nextval('outbox_position') AS position FROM \
-          (SELECT id FROM outbox WHERE seq IS NULL ORDER BY created_at_ms, id LIMIT $1) AS pending) AS numbered \
+          (SELECT id FROM outbox WHERE seq IS NULL ORDER BY inserted LIMIT $1) AS pending) AS numbered \
          WHERE outbox.id = numbered.id",
         &[&OUTBOX_SEQUENCE_BATCH],
     )

@@ -164,6 +164,11 @@ CREATE TABLE outbox_cursors (
 );
 INSERT INTO outbox_cursors (name, seq, updated_at_ms)
     SELECT 'webhooks', COALESCE(MAX(seq), 0), 0 FROM outbox;
+-- PostgreSQL numbers committed events after the fact (`sequence_outbox`); it numbers the ones
+-- of one pass in the order they were inserted, so a merchant's events are read in the order
+-- they were created (also when creation times from several processes disagree). SQLite numbers
+-- at insert time (its single writer) and needs nothing.
+{outbox_insert_order}
 -- One row per event that has a notify URL: where it goes and how far delivery got. Its
 -- `webhook` job (jobs table, subject = event id) is due when the next attempt is.
 CREATE TABLE webhook_deliveries (
@@ -213,10 +218,15 @@ pub fn render(sql: &str, postgres: bool) -> String {
             .replace("{outbox_position}", "CREATE SEQUENCE outbox_position;")
             .replace("{serial}", PG_SERIAL)
             .replace("{without_rowid}", "")
+            .replace(
+                "{outbox_insert_order}",
+                "ALTER TABLE outbox ADD COLUMN inserted BIGSERIAL;",
+            )
     } else {
         sql.replace("{outbox_seq}", SQLITE_SERIAL)
             .replace("{outbox_position}", "")
             .replace("{serial}", SQLITE_SERIAL)
             .replace("{without_rowid}", "WITHOUT ROWID")
+            .replace("{outbox_insert_order}", "")
     }
 }
