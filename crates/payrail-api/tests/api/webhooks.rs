@@ -395,6 +395,10 @@ both!(a_webhook_is_delivered_once_and_signed, |b| async move {
         m.contains("payrail_webhook_attempt_duration_seconds_count 1"),
         "{m}"
     );
+    assert!(
+        m.contains("# TYPE payrail_webhook_deliveries_pending gauge"),
+        "{m}"
+    );
 });
 
 both!(
