@@ -4,6 +4,7 @@
 
 pub mod channels;
 pub mod error;
+mod events;
 mod merchant;
 mod middleware;
 mod operator;
@@ -35,6 +36,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .merge(operator::router())
         .merge(channels::router())
         .merge(refunds::router())
+        .merge(events::router())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

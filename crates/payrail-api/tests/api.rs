@@ -54,6 +54,9 @@ struct Harness {
     engine: Arc<Engine>,
     clock: Arc<ManualClock>,
     dir: std::path::PathBuf,
+    /// The database and the master key, for a second engine on the same data.
+    url: String,
+    master_key: Secret<String>,
     _stop: watch::Sender<bool>,
 }
 
@@ -105,7 +108,8 @@ async fn harness_full(
     if let Some(c) = extra {
         channels.register(c);
     }
-    let key = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
+    let master_key = MasterKey::generate_hex();
+    let key = MasterKey::parse(&master_key).unwrap();
     let engine = Arc::new(Engine::new(store, channels, dyn_clock, key, config));
     let op = format!("op_test_{}", nonce());
     engine
@@ -137,6 +141,8 @@ async fn harness_full(
         engine,
         clock,
         dir,
+        url,
+        master_key,
         _stop: stop,
     })
 }
@@ -2616,3 +2622,6 @@ both!(
         assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1006);
     }
 );
+/// Webhooks, the delivery log and the event feed (tests/api/webhooks.rs).
+#[path = "api/webhooks.rs"]
+mod webhooks;

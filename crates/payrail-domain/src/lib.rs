@@ -15,6 +15,7 @@ pub mod payment;
 pub mod refund;
 pub mod secret;
 pub mod signing;
+pub mod webhook;
 
 pub use channel::ChannelOutcome;
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -7,6 +7,7 @@ pub mod barcode;
 pub mod bulkhead;
 pub mod channel_accounts;
 pub mod crypto;
+pub mod feed;
 pub mod ids;
 pub mod merchants;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod notifications;
 pub mod payments;
 pub mod refunds;
 pub mod views;
+pub mod webhooks;
 pub mod worker;
 
 use payrail_channels::Registry;
@@ -57,6 +59,12 @@ pub struct EngineConfig {
     /// Payment-code payments still unconfirmed this long after submission are cancelled
     /// (reversed/revoked) at the channel.
     pub barcode_window_ms: i64,
+    /// Longest wait for one webhook delivery: connect, send, and the answer's status and first
+    /// bytes. Past it the attempt failed (`timeout`) and the next one is scheduled.
+    pub webhook_timeout_ms: u64,
+    /// Deliver webhooks to loopback, private and other special addresses. Off in production
+    /// (SSRF guard); on for local development and the tests' loopback receivers.
+    pub webhook_allow_private_targets: bool,
 }
 
 impl EngineConfig {
@@ -89,6 +97,8 @@ impl Default for EngineConfig {
             public_url: "http://127.0.0.1:8080".into(),
             barcode_poll_ms: 5_000,
             barcode_window_ms: 30_000,
+            webhook_timeout_ms: 10_000,
+            webhook_allow_private_targets: false,
         }
     }
 }
@@ -144,6 +154,9 @@ pub struct Engine {
     pub metrics: metrics::Metrics,
     pub bulkheads: bulkhead::Bulkheads,
     accounts: std::sync::RwLock<channel_accounts::Accounts>,
+    /// The real-time event feed (SSE) and the in-process "an event was written" signal.
+    pub feed: feed::Feed,
+    webhooks: webhooks::Webhooks,
     auth_cache: auth::AuthCache,
 }
 
@@ -158,7 +171,10 @@ impl Engine {
         let config = config.normalised();
         let bulkheads =
             bulkhead::Bulkheads::new(config.channel_concurrency_max, config.channel_queue_ms);
+        let webhooks = webhooks::Webhooks::new(&config);
         Engine {
+            feed: feed::Feed::new(store.clone()),
+            webhooks,
             store,
             channels,
             ids: ids::IdGen::new(clock.clone()),

@@ -36,6 +36,7 @@ type Labels = Vec<(&'static str, String)>;
 struct Family {
     help: &'static str,
     counters: BTreeMap<Labels, u64>,
+    gauges: BTreeMap<Labels, i64>,
     histograms: BTreeMap<Labels, Histogram>,
 }
 
@@ -89,6 +90,23 @@ impl Metrics {
         }
     }
 
+    /// Sets a gauge (a value that goes up and down, such as a queue length).
+    pub fn set_gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+        value: i64,
+    ) {
+        if let Ok(mut f) = self.families.lock() {
+            let fam = f.entry(name).or_insert_with(|| Family {
+                help,
+                ..Family::default()
+            });
+            fam.gauges.insert(own(labels), value);
+        }
+    }
+
     /// Value of one counter series (tests and the console).
     pub fn counter(&self, name: &str, labels: &[(&'static str, &str)]) -> u64 {
         self.families
@@ -107,13 +125,18 @@ impl Metrics {
             return out;
         };
         for (name, fam) in f.iter() {
-            let kind = if fam.histograms.is_empty() {
-                "counter"
-            } else {
+            let kind = if !fam.histograms.is_empty() {
                 "histogram"
+            } else if !fam.gauges.is_empty() {
+                "gauge"
+            } else {
+                "counter"
             };
             let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", fam.help);
             for (labels, v) in &fam.counters {
+                let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
+            }
+            for (labels, v) in &fam.gauges {
                 let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
             }
             for (labels, h) in &fam.histograms {
@@ -193,5 +216,9 @@ mod tests {
         );
         assert!(s.contains("payrail_lat_seconds_count{r=\"/p\"} 1"), "{s}");
         assert_eq!(m.counter("payrail_x_total", &[("a", "1")]), 2);
+        m.set_gauge("payrail_q", "q", &[], 5);
+        m.set_gauge("payrail_q", "q", &[], 3);
+        let s = m.render();
+        assert!(s.contains("# TYPE payrail_q gauge\npayrail_q 3\n"), "{s}");
     }
 }

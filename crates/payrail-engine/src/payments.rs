@@ -380,6 +380,10 @@ impl Engine {
                 }),
             };
             if self.store.apply_transition(&t).await? {
+                if t.event.is_some() {
+                    // Wakes this process's webhook dispatcher and event-feed pump.
+                    self.feed.outbox_written();
+                }
                 self.metrics.inc(
                     "payrail_payment_transitions_total",
                     "Payment status changes, by channel and new status.",

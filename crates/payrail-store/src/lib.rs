@@ -15,8 +15,10 @@ pub mod postgres;
 mod records;
 mod schema;
 pub mod sqlite;
+pub mod webhooks;
 
 pub use records::*;
+pub use webhooks::*;
 
 use async_trait::async_trait;
 use payrail_domain::{AttemptId, ChannelAccountId, MerchantId, PaymentId, RefundId};
@@ -36,8 +38,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Every store also implements [`WebhookStore`] (webhook deliveries, the event feed).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: WebhookStore + Send + Sync + 'static {
     /// Which backend this is (`sqlite` or `postgres`), for logs and benchmarks.
     fn backend(&self) -> &'static str;
 

@@ -17,6 +17,7 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 mod refunds;
+mod webhooks;
 
 const POOL_MAX: usize = 32;
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -334,10 +335,16 @@ const OUTBOX_SEQUENCE_BATCH: i64 = 10_000;
 async fn sequence_outbox(client: &mut deadpool_postgres::Object) -> Result<()> {
     let tx = client.transaction().await.map_err(pg_err)?;
     execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&OUTBOX_LOCK]).await?;
+    // The numbers are drawn in the sorted subquery, so they follow insertion order (the
+    // `inserted` column, migration 5). (An `UPDATE … WHERE id IN (sorted subquery)` draws them
+    // in whatever order the join visits the rows — heap order — and a merchant's events could
+    // be read out of the order they were created in.)
     execute(
         &tx,
-        "UPDATE outbox SET seq = nextval('outbox_position') WHERE id IN \
-         (SELECT id FROM outbox WHERE seq IS NULL ORDER BY created_at_ms, id LIMIT $1)",
+        "UPDATE outbox SET seq = numbered.position FROM \
+         (SELECT id, nextval('outbox_position') AS position FROM \
+          (SELECT id FROM outbox WHERE seq IS NULL ORDER BY inserted LIMIT $1) AS pending) AS numbered \
+         WHERE outbox.id = numbered.id",
         &[&OUTBOX_SEQUENCE_BATCH],
     )
     .await?;

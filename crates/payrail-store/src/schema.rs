@@ -219,6 +219,62 @@ CREATE TABLE channel_accounts (
 ALTER TABLE payment_attempts ADD COLUMN channel_account_id TEXT;
 "#,
     },
+    Migration {
+        version: 5,
+        name: "merchant webhooks",
+        sql: r#"
+-- Durable read positions in the outbox (`seq`), one per consumer. The webhook dispatcher moves
+-- its cursor in the same transaction as the deliveries it schedules, so an event is scheduled
+-- exactly once even across crashes and several worker processes. Events written before this
+-- migration predate webhooks and are not delivered.
+CREATE TABLE outbox_cursors (
+    name TEXT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+INSERT INTO outbox_cursors (name, seq, updated_at_ms)
+    SELECT 'webhooks', COALESCE(MAX(seq), 0), 0 FROM outbox;
+-- PostgreSQL numbers committed events after the fact (`sequence_outbox`); it numbers the ones
+-- of one pass in the order they were inserted, so a merchant's events are read in the order
+-- they were created (also when creation times from several processes disagree). SQLite numbers
+-- at insert time (its single writer) and needs nothing.
+{outbox_insert_order}
+-- One row per event that has a notify URL: where it goes and how far delivery got. Its
+-- `webhook` job (jobs table, subject = event id) is due when the next attempt is.
+CREATE TABLE webhook_deliveries (
+    event_id TEXT PRIMARY KEY,
+    event_seq BIGINT NOT NULL,
+    merchant_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts BIGINT NOT NULL,
+    auto_attempts BIGINT NOT NULL,
+    manual_attempts BIGINT NOT NULL,
+    next_attempt_at_ms BIGINT,
+    manual_due_at_ms BIGINT,
+    version BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (status);
+-- The delivery log: one row per attempt, kept for the merchant and the operator.
+CREATE TABLE webhook_attempts (
+    event_id TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    merchant_id TEXT NOT NULL,
+    trigger_kind TEXT NOT NULL CHECK (trigger_kind IN ('schedule', 'manual')),
+    url TEXT NOT NULL,
+    status_code BIGINT,
+    error TEXT,
+    message TEXT,
+    latency_ms BIGINT NOT NULL,
+    response_body TEXT,
+    created_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (event_id, attempt)
+);
+"#,
+    },
 ];
 
 pub const SQLITE_SERIAL: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
@@ -232,10 +288,15 @@ pub fn render(sql: &str, postgres: bool) -> String {
             .replace("{outbox_position}", "CREATE SEQUENCE outbox_position;")
             .replace("{serial}", PG_SERIAL)
             .replace("{without_rowid}", "")
+            .replace(
+                "{outbox_insert_order}",
+                "ALTER TABLE outbox ADD COLUMN inserted BIGSERIAL;",
+            )
     } else {
         sql.replace("{outbox_seq}", SQLITE_SERIAL)
             .replace("{outbox_position}", "")
             .replace("{serial}", SQLITE_SERIAL)
             .replace("{without_rowid}", "WITHOUT ROWID")
+            .replace("{outbox_insert_order}", "")
     }
 }

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 mod refunds;
+mod webhooks;
 
 /// Most writes one transaction takes; bounds commit latency under overload.
 const WRITE_BATCH_MAX: usize = 512;

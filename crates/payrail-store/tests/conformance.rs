@@ -21,6 +21,10 @@ use std::sync::Arc;
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
+#[path = "conformance/webhooks.rs"]
+mod webhooks;
+use webhooks::*;
+
 const PG_URL_VAR: &str = "PAYRAIL_TEST_POSTGRES_URL";
 /// A fixed "now" for fixtures; ids are generated from times after it.
 const T0: i64 = 1_750_000_000_000;
@@ -2420,6 +2424,10 @@ conformance! {
         check_concurrent_refund_transitions_one_winner,
         check_refund_reads_scoped_by_merchant,
         check_refund_create_admits_in_the_same_write,
+        check_outbox_reads_across_merchants,
+        check_dispatch_schedules_each_event_once,
+        check_attempts_resends_and_log,
+        check_outbox_numbering_order,
     ],
     urls: [
         check_data_survives_reopen,

@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub channel_queue_ms: Option<u64>,
     pub shutdown_grace_ms: Option<u64>,
     pub demo_merchant: Option<bool>,
+    pub webhook_timeout_ms: Option<u64>,
+    pub webhook_allow_private_targets: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +76,8 @@ pub const ENV_VARS: &[&str] = &[
     "PAYRAIL_WORKER_POLL_MS",
     "PAYRAIL_SHUTDOWN_GRACE_MS",
     "PAYRAIL_DEMO_MERCHANT",
+    "PAYRAIL_WEBHOOK_TIMEOUT_MS",
+    "PAYRAIL_WEBHOOK_ALLOW_PRIVATE_TARGETS",
     "PAYRAIL_MASTER_KEY",
     "PAYRAIL_OPERATOR_TOKEN",
     // Read by `payrail demo`, not the server.
@@ -264,6 +268,25 @@ impl Config {
         if engine.sync_lease_ms < lease_min_ms || engine.sync_lease_ms > 3_600_000 {
             bail!("sync_lease_ms must be at least twice channel_timeout_ms ({lease_min_ms}) and at most 3600000");
         }
+        if let Some(v) = parse_num(
+            "PAYRAIL_WEBHOOK_TIMEOUT_MS",
+            env("PAYRAIL_WEBHOOK_TIMEOUT_MS"),
+        )?
+        .or(file.webhook_timeout_ms)
+        {
+            engine.webhook_timeout_ms = v;
+        }
+        if !(100..=30_000).contains(&engine.webhook_timeout_ms) {
+            bail!("webhook_timeout_ms must be between 100 and 30000");
+        }
+        if let Some(v) = parse_bool(
+            "PAYRAIL_WEBHOOK_ALLOW_PRIVATE_TARGETS",
+            env("PAYRAIL_WEBHOOK_ALLOW_PRIVATE_TARGETS"),
+        )?
+        .or(file.webhook_allow_private_targets)
+        {
+            engine.webhook_allow_private_targets = v;
+        }
         if !(10..=60_000).contains(&engine.worker_poll_ms) {
             bail!("worker_poll_ms must be between 10 and 60000");
         }
@@ -323,5 +346,10 @@ mod tests {
         let ok: FileConfig =
             toml::from_str("listen = \"127.0.0.1:9\"\nchannel_timeout_ms = 500").unwrap();
         assert_eq!(ok.channel_timeout_ms, Some(500));
+        let hooks: FileConfig =
+            toml::from_str("webhook_timeout_ms = 3000\nwebhook_allow_private_targets = true")
+                .unwrap();
+        assert_eq!(hooks.webhook_timeout_ms, Some(3000));
+        assert_eq!(hooks.webhook_allow_private_targets, Some(true));
     }
 }

@@ -249,6 +249,17 @@ pub async fn run_server(
             engine.clone(),
             shutdown_rx.clone(),
         ));
+        tasks.spawn(payrail_engine::webhooks::run_webhook_dispatcher(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(payrail_engine::webhooks::run_webhook_sender(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    if engine.config.webhook_allow_private_targets {
+        tracing::warn!("webhooks may be sent to loopback and private addresses (webhook_allow_private_targets); for local development only");
     }
     tracing::info!(
         addr = %addr,
@@ -270,9 +281,12 @@ pub async fn run_server(
             let _ = rx.changed().await;
         });
         let shutdown_tx2 = shutdown_tx.clone();
+        let feed_engine = engine.clone();
         tokio::spawn(async move {
             signal.await;
             tracing::info!("shutting down: no new requests, finishing the ones in flight");
+            // Open event streams end now; graceful shutdown would otherwise wait for them.
+            feed_engine.feed.close();
             let _ = shutdown_tx2.send(true);
         });
         server.await.context("HTTP server failed")?;
