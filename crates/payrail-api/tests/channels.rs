@@ -528,3 +528,78 @@ async fn unionpay_web_payment_and_disabled_accounts() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_through_the_channels_never_exceed_the_payment() {
+    bounded(async {
+        let h = harness(config(), true).await;
+        for kind in [ChannelKind::WechatPay, ChannelKind::Alipay] {
+            let emu = emulator(kind).await;
+            let account = h.account(&emu).await;
+            let c = h.merchant().await;
+            let method = match kind {
+                ChannelKind::WechatPay => "wechat_native",
+                _ => "alipay_qr",
+            };
+            let a = h
+                .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": format!("r-{method}"), "subject": "Tea", "method": method}))
+                .await;
+            let id = a.body["id"].as_str().unwrap().to_string();
+            let order = h.order_no(&id).await;
+            emu.scan(&order).unwrap();
+            emu.flush().await;
+            h.wait_status(&c, &id, "succeeded").await;
+            // Partial, then the rest, then one fen too many.
+            let refund = |no: &str, amount: i64| {
+                let body = json!({"payment_id": id, "amount": amount, "out_refund_no": no});
+                let (h, c) = (&h, &c);
+                async move {
+                    h.client
+                        .signed(c, Method::POST, "/v1/refunds", Some(&body.to_string()), Some(&nonce()))
+                        .await
+                        .unwrap()
+                }
+            };
+            let r1 = refund("rf-1", 400).await;
+            assert_eq!(r1.status, 200, "{}", r1.body);
+            let r2 = refund("rf-2", 600).await;
+            assert_eq!(r2.status, 200, "{}", r2.body);
+            let over = refund("rf-3", 1).await;
+            assert_eq!((over.status, over.error_code()), (409, Some("refund_exceeds_payment")), "{}", over.body);
+            // Both end succeeded (at once, by notification or by the refund query).
+            emu.flush().await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for r in [&r1, &r2] {
+                let rid = r.body["id"].as_str().unwrap();
+                loop {
+                    let got = h
+                        .client
+                        .signed(&c, Method::GET, &format!("/v1/refunds/{rid}"), None, None)
+                        .await
+                        .unwrap();
+                    if got.body["status"] == "succeeded" {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{method}: refund still {}", got.body);
+                    emu.flush().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            let p = h.get(&c, &id).await;
+            assert_eq!((p.body["amount_refunded"].as_i64(), p.body["amount_refundable"].as_i64()), (Some(1000), Some(0)), "{}", p.body);
+            // The channel's own books agree: 1000 paid, 1000 refunded in two refunds, no more.
+            let lines: Vec<_> = emu
+                .ledger()
+                .into_iter()
+                .filter(|l| l.out_trade_no.replace('_', "") == order.replace('_', ""))
+                .collect();
+            let paid: i64 = lines.iter().filter(|l| !l.refund).map(|l| l.amount_fen).sum();
+            let refunds: Vec<i64> = lines.iter().filter(|l| l.refund).map(|l| l.amount_fen).collect();
+            assert_eq!(paid, 1000, "{method}: {lines:?}");
+            assert_eq!(refunds.len(), 2, "{method}: {lines:?}");
+            assert_eq!(refunds.iter().sum::<i64>(), 1000, "{method}: {lines:?}");
+            let _ = account;
+        }
+    })
+    .await;
+}
