@@ -842,6 +842,26 @@ impl Balance {
         Some(b)
     }
 
+    /// Like [`Balance::apply`] for a *change* of counters rather than counters: a pending
+    /// counter may go below zero (a change that releases a hold made earlier).
+    pub fn apply_delta(self, side: Side, amount_minor: i64, effect: LegEffect) -> Option<Balance> {
+        let mut b = self;
+        let (pending, posted) = match side {
+            Side::Debit => (&mut b.debits_pending, &mut b.debits_posted),
+            Side::Credit => (&mut b.credits_pending, &mut b.credits_posted),
+        };
+        match effect {
+            LegEffect::Post => *posted = posted.checked_add(amount_minor)?,
+            LegEffect::Hold => *pending = pending.checked_add(amount_minor)?,
+            LegEffect::PostHeld => {
+                *pending = pending.checked_sub(amount_minor)?;
+                *posted = posted.checked_add(amount_minor)?;
+            }
+            LegEffect::ReleaseHeld => *pending = pending.checked_sub(amount_minor)?,
+        }
+        Some(b)
+    }
+
     /// Counter-wise sum (merging buffered deltas), `None` on overflow.
     pub fn checked_add(self, o: Balance) -> Option<Balance> {
         Some(Balance {
@@ -923,6 +943,10 @@ pub struct AccountState {
     /// Time of the account's latest posting; posting times never go backwards per account.
     pub last_posted_at_ms: i64,
     pub last_posting: Option<PostingRef>,
+    /// The store applies this account's balance later (a buffered account on PostgreSQL):
+    /// `balance` starts at zero and tracks this book's *change* to the counters, and the history
+    /// fields are not meaningful. Only for accounts without limits.
+    pub deferred: bool,
 }
 
 impl AccountState {
@@ -933,6 +957,15 @@ impl AccountState {
             version: 0,
             last_posted_at_ms: 0,
             last_posting: None,
+            deferred: false,
+        }
+    }
+
+    /// A deferred account (see [`AccountState::deferred`]).
+    pub fn deferred(flags: AccountFlags) -> AccountState {
+        AccountState {
+            deferred: true,
+            ..AccountState::new(flags)
         }
     }
 }
@@ -1317,7 +1350,12 @@ impl Book {
             let Some((_, state, debited, credited)) = scratch.get_mut(i) else {
                 return Err(BookError::Inconsistent("scratch index".into()));
             };
-            let Some(balance) = state.balance.apply(*side, *amount, effect) else {
+            let applied = if state.deferred {
+                state.balance.apply_delta(*side, *amount, effect)
+            } else {
+                state.balance.apply(*side, *amount, effect)
+            };
+            let Some(balance) = applied else {
                 return Ok(match effect {
                     LegEffect::Post | LegEffect::Hold => {
                         Err(Reject::BalanceOutOfRange(account.clone()))
@@ -1366,6 +1404,10 @@ impl Book {
         // Limits are checked once the whole entry is applied, and only in the direction the
         // entry moved the account: a credit never fails a debit limit.
         for (account, state, debited, credited) in &scratch {
+            if state.deferred {
+                // No limits on deferred accounts (a limit needs the live balance).
+                continue;
+            }
             match state.balance.breach(state.flags) {
                 Some(Side::Debit) if *debited => {
                     return Ok(Err(Reject::ExceedsCredits(account.clone())))

@@ -39,7 +39,7 @@ struct Readers {
     idle: Mutex<Vec<Connection>>,
 }
 
-fn db_err(e: rusqlite::Error) -> StoreError {
+pub(crate) fn db_err(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
@@ -143,7 +143,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` in the shared write transaction; returns after the commit is durable.
-    async fn write<R: Send + 'static>(
+    pub(crate) async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
@@ -178,7 +178,7 @@ impl SqliteStore {
         orx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<R: Send + 'static>(
+    pub(crate) async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
