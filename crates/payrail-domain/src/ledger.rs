@@ -349,11 +349,37 @@ fn owner_ok(s: &str) -> bool {
 
 /// An account's name: `kind:owner:CUR`. The currency is part of the name, so one owner has one
 /// account per kind and currency, and a posting's currency can be checked without a lookup.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The canonical text is built once, at construction: it is what storage binds and compares
+/// for every posting, so it is never re-formatted on the write path.
+#[derive(Clone)]
 pub struct AccountId {
+    text: String,
     kind: AccountKind,
-    owner: String,
     currency: Currency,
+}
+
+impl PartialEq for AccountId {
+    fn eq(&self, other: &Self) -> bool {
+        // The text determines kind and currency.
+        self.text == other.text
+    }
+}
+impl Eq for AccountId {}
+impl std::hash::Hash for AccountId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state)
+    }
+}
+impl PartialOrd for AccountId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for AccountId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
 }
 
 impl AccountId {
@@ -365,28 +391,25 @@ impl AccountId {
         if !owner_ok(owner) {
             return Err(LedgerError::BadOwner(owner.chars().take(80).collect()));
         }
-        Ok(AccountId {
+        Ok(Self::unchecked(kind, owner, currency))
+    }
+
+    /// For owners known to be valid.
+    fn unchecked(kind: AccountKind, owner: &str, currency: Currency) -> AccountId {
+        AccountId {
+            text: format!("{kind}:{owner}:{currency}"),
             kind,
-            owner: owner.to_string(),
             currency,
-        })
+        }
     }
 
     fn of_merchant(kind: AccountKind, merchant: MerchantId, currency: Currency) -> AccountId {
         // A merchant id is 30 characters of [a-z0-9_A-Z]: always a valid owner.
-        AccountId {
-            kind,
-            owner: merchant.to_string(),
-            currency,
-        }
+        Self::unchecked(kind, &merchant.to_string(), currency)
     }
 
     fn of_platform(kind: AccountKind, currency: Currency) -> AccountId {
-        AccountId {
-            kind,
-            owner: PLATFORM_OWNER.to_string(),
-            currency,
-        }
+        Self::unchecked(kind, PLATFORM_OWNER, currency)
     }
 
     pub fn merchant_pending(merchant: MerchantId, currency: Currency) -> AccountId {
@@ -428,14 +451,28 @@ impl AccountId {
         };
         let kind = AccountKind::parse(kind).ok_or_else(bad)?;
         let currency = Currency::parse(cur).map_err(|_| bad())?;
-        AccountId::new(kind, owner, currency).map_err(|_| bad())
+        if !owner_ok(owner) {
+            return Err(bad());
+        }
+        Ok(AccountId {
+            text: s.to_string(),
+            kind,
+            currency,
+        })
     }
 
+    /// The canonical text, `kind:owner:CUR`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
     pub fn kind(&self) -> AccountKind {
         self.kind
     }
     pub fn owner(&self) -> &str {
-        &self.owner
+        // Between the first and the last ':' (kinds and currency codes contain none).
+        let start = self.kind.as_str().len().saturating_add(1);
+        let end = self.text.len().saturating_sub(4);
+        self.text.get(start..end).unwrap_or("")
     }
     pub fn currency(&self) -> Currency {
         self.currency
@@ -444,7 +481,7 @@ impl AccountId {
 
 impl fmt::Display for AccountId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.kind, self.owner, self.currency)
+        f.write_str(&self.text)
     }
 }
 
@@ -1176,9 +1213,9 @@ impl Book {
         }
         match entry.body() {
             EntryBody::Posted(postings) | EntryBody::Pending { postings, .. } => {
-                let legs: Vec<(AccountId, Side, i64)> = postings
+                let legs: Vec<(&AccountId, Side, i64)> = postings
                     .iter()
-                    .map(|p| (p.account.clone(), p.side, p.amount.amount_minor()))
+                    .map(|p| (&p.account, p.side, p.amount.amount_minor()))
                     .collect();
                 let (effect, expires_at_ms) = match entry.timeout_ms() {
                     Some(t) => (LegEffect::Hold, Some(now_ms.saturating_add(t))),
@@ -1195,7 +1232,10 @@ impl Book {
                         entry.id().clone(),
                         Hold {
                             seq,
-                            legs,
+                            legs: legs
+                                .iter()
+                                .map(|(a, s, x)| ((*a).clone(), *s, *x))
+                                .collect(),
                             expires_at_ms,
                             state: HoldState::Pending,
                         },
@@ -1233,7 +1273,9 @@ impl Book {
                         pending_id.clone(),
                     )));
                 }
-                let legs = hold.legs.clone();
+                let owned = hold.legs.clone();
+                let legs: Vec<(&AccountId, Side, i64)> =
+                    owned.iter().map(|(a, s, x)| (a, *s, *x)).collect();
                 let (effect, state) = match entry.phase() {
                     EntryPhase::PostPending => (LegEffect::PostHeld, HoldState::Posted),
                     _ => (LegEffect::ReleaseHeld, HoldState::Voided),
@@ -1294,7 +1336,9 @@ impl Book {
         let Some(hold) = self.holds.get(pending_id) else {
             return Ok(());
         };
-        let (legs, seq) = (hold.legs.clone(), hold.seq);
+        let (owned, seq) = (hold.legs.clone(), hold.seq);
+        let legs: Vec<(&AccountId, Side, i64)> =
+            owned.iter().map(|(a, s, x)| (a, *s, *x)).collect();
         match self.apply_legs(&legs, LegEffect::ReleaseHeld, seq, 0)? {
             Ok(_) => {}
             Err(r) => {
@@ -1328,22 +1372,23 @@ impl Book {
     /// `Result` is the business outcome; the outer one an inconsistency.
     fn apply_legs(
         &mut self,
-        legs: &[(AccountId, Side, i64)],
+        legs: &[(&AccountId, Side, i64)],
         effect: LegEffect,
         seq: i64,
         now_ms: i64,
     ) -> Result<Result<Vec<PostingRecord>, Reject>, BookError> {
         // Scratch copies of the touched accounts (≤ POSTINGS_MAX), so a refusal changes nothing.
-        let mut scratch: Vec<(AccountId, AccountState, bool, bool)> = Vec::with_capacity(4);
+        let mut scratch: Vec<(&AccountId, AccountState, bool, bool)> = Vec::with_capacity(4);
         let mut records = Vec::with_capacity(legs.len());
         for (leg, (account, side, amount)) in legs.iter().enumerate() {
-            let i = match scratch.iter().position(|(id, ..)| id == account) {
+            let account: &AccountId = account;
+            let i = match scratch.iter().position(|(id, ..)| *id == account) {
                 Some(i) => i,
                 None => {
                     let Some(state) = self.accounts.get(account) else {
                         return Ok(Err(Reject::AccountNotFound(account.clone())));
                     };
-                    scratch.push((account.clone(), state.clone(), false, false));
+                    scratch.push((account, state.clone(), false, false));
                     scratch.len().saturating_sub(1)
                 }
             };
@@ -1410,17 +1455,24 @@ impl Book {
             }
             match state.balance.breach(state.flags) {
                 Some(Side::Debit) if *debited => {
-                    return Ok(Err(Reject::ExceedsCredits(account.clone())))
+                    return Ok(Err(Reject::ExceedsCredits((*account).clone())))
                 }
                 Some(Side::Credit) if *credited => {
-                    return Ok(Err(Reject::ExceedsDebits(account.clone())))
+                    return Ok(Err(Reject::ExceedsDebits((*account).clone())))
                 }
                 _ => {}
             }
         }
         for (account, state, ..) in scratch {
-            self.changes.accounts.insert(account.clone());
-            self.accounts.insert(account, state);
+            if !self.changes.accounts.contains(account) {
+                self.changes.accounts.insert(account.clone());
+            }
+            match self.accounts.get_mut(account) {
+                Some(slot) => *slot = state,
+                None => {
+                    self.accounts.insert(account.clone(), state);
+                }
+            }
         }
         Ok(Ok(records))
     }

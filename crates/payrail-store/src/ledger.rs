@@ -266,10 +266,10 @@ pub(crate) fn parse_hold_state(s: &str) -> Result<HoldState> {
 }
 
 /// The accounts an entry batch names directly (post/void name theirs through the hold).
-pub(crate) fn own_accounts(entries: &[Entry]) -> BTreeSet<AccountId> {
+pub(crate) fn own_accounts(entries: &[Entry]) -> BTreeSet<&AccountId> {
     entries
         .iter()
-        .flat_map(|e| e.postings().iter().map(|p| p.account.clone()))
+        .flat_map(|e| e.postings().iter().map(|p| &p.account))
         .collect()
 }
 

@@ -196,14 +196,16 @@ async fn post_in(
             },
         );
     }
-    let mut accounts = own_accounts(entries);
+    let mut hold_accounts = Vec::new();
     let pending: Vec<String> = pending_ids(entries).iter().map(|p| p.to_string()).collect();
     if !pending.is_empty() {
         for (id, hold) in lock_holds(tx, &pending).await? {
-            accounts.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
+            hold_accounts.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
             book.put_hold(id, hold);
         }
     }
+    let mut accounts = own_accounts(entries);
+    accounts.extend(hold_accounts.iter());
     load_accounts(tx, &mut book, &accounts).await?;
     let mut outcomes = Vec::with_capacity(entries.len());
     for e in entries {
@@ -264,7 +266,7 @@ async fn lock_holds(
 async fn load_accounts(
     tx: &Transaction<'_>,
     book: &mut Book,
-    ids: &BTreeSet<AccountId>,
+    ids: &BTreeSet<&AccountId>,
 ) -> Result<(), Fail> {
     if ids.is_empty() {
         return Ok(());
@@ -572,11 +574,12 @@ async fn expire_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Vec<
         return Ok(Vec::new());
     }
     let mut book = Book::default();
-    let mut accounts = BTreeSet::new();
+    let mut owned = Vec::new();
     for (id, hold) in lock_holds(tx, &ids).await? {
-        accounts.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
+        owned.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
         book.put_hold(id, hold);
     }
+    let accounts: BTreeSet<&AccountId> = owned.iter().collect();
     load_accounts(tx, &mut book, &accounts).await?;
     let expired = book.expire_due(now_ms, ids.len()).map_err(corrupt)?;
     let changes = book.take_changes();

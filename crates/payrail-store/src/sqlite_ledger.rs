@@ -126,13 +126,15 @@ fn post_once(
         .checked_add(1)
         .ok_or_else(|| corrupt("entry sequence exhausted"))?;
     let mut book = Book::new(first);
-    let mut accounts = own_accounts(entries);
+    let mut hold_accounts = Vec::new();
     for pending_id in pending_ids(entries) {
         if let Some(hold) = load_hold(conn, &pending_id)? {
-            accounts.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
+            hold_accounts.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
             book.put_hold(pending_id, hold);
         }
     }
+    let mut accounts = own_accounts(entries);
+    accounts.extend(hold_accounts.iter());
     load_accounts(conn, &mut book, &accounts)?;
     if load_stored {
         for e in entries {
@@ -176,8 +178,8 @@ fn value_groups(rows: usize, cols: usize) -> String {
     vec![one; rows].join(", ")
 }
 
-fn load_accounts(conn: &Connection, book: &mut Book, ids: &BTreeSet<AccountId>) -> Result<()> {
-    let keys: Vec<String> = ids.iter().map(|a| a.to_string()).collect();
+fn load_accounts(conn: &Connection, book: &mut Book, ids: &BTreeSet<&AccountId>) -> Result<()> {
+    let keys: Vec<&str> = ids.iter().map(|a| a.as_str()).collect();
     let mut done = 0;
     for size in chunks(keys.len()) {
         let part = &keys[done..done + size];
@@ -344,10 +346,9 @@ fn write_changes(conn: &Connection, book: &Book, changes: &Changes) -> Result<bo
             int(ne.posted_at_ms),
         ]);
         for p in &ne.postings {
-            let account = p.account.to_string();
             if is_checkpoint(p.account_version) {
                 history.push(vec![
-                    text(account.clone()),
+                    borrowed(p.account.as_str()),
                     int(p.posted_at_ms),
                     int(p.account_version),
                     int(p.debits_posted_after),
@@ -359,7 +360,7 @@ fn write_changes(conn: &Connection, book: &Book, changes: &Changes) -> Result<bo
             postings.push(vec![
                 int(p.at.entry_seq),
                 int(p.at.leg),
-                text(account),
+                borrowed(p.account.as_str()),
                 borrowed(p.side.as_str()),
                 int(p.amount_minor),
                 int(i64::from(p.pending)),
@@ -426,43 +427,33 @@ fn write_changes(conn: &Connection, book: &Book, changes: &Changes) -> Result<bo
         })
         .map_err(db_err)?;
     }
-    // Every changed account, once per batch, as one multi-row upsert per chunk: the rows exist
-    // (they were loaded), so each is a primary-key lookup and an in-place update. The inserted
-    // values only satisfy the NOT NULL columns and are never used.
-    let mut accounts = Vec::with_capacity(changes.accounts.len());
+    // Every changed account, once per batch: one primary-key update each.
+    let mut update = conn
+        .prepare_cached(
+            "UPDATE ledger_accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, \
+             credits_posted = ?5, version = ?6, last_posted_at_ms = ?7, last_entry_seq = ?8, last_leg = ?9 \
+             WHERE id = ?1",
+        )
+        .map_err(db_err)?;
     for id in &changes.accounts {
         let Some(s) = book.account(id) else {
             return Err(corrupt(format!("changed account {id} not in the book")));
         };
         let b = s.balance;
-        accounts.push(vec![
-            text(id.to_string()),
-            borrowed(id.kind().as_str()),
-            text(id.currency().code().to_string()),
-            int(i64::from(s.flags.bits())),
-            int(b.debits_pending),
-            int(b.debits_posted),
-            int(b.credits_pending),
-            int(b.credits_posted),
-            int(s.version),
-            int(s.last_posted_at_ms),
-            opt_int(s.last_posting.map(|r| r.entry_seq)),
-            opt_int(s.last_posting.map(|r| r.leg)),
-        ]);
+        update
+            .execute(params![
+                id.as_str(),
+                b.debits_pending,
+                b.debits_posted,
+                b.credits_pending,
+                b.credits_posted,
+                s.version,
+                s.last_posted_at_ms,
+                s.last_posting.map(|r| r.entry_seq),
+                s.last_posting.map(|r| r.leg)
+            ])
+            .map_err(db_err)?;
     }
-    insert_chunked(
-        conn,
-        "INSERT INTO ledger_accounts (id, kind, currency, flags, debits_pending, debits_posted, credits_pending, \
-         credits_posted, version, last_posted_at_ms, last_entry_seq, last_leg, created_at_ms) \
-         SELECT *, 0 FROM (",
-        ") WHERE true ON CONFLICT (id) DO UPDATE SET debits_pending = excluded.debits_pending, \
-         debits_posted = excluded.debits_posted, credits_pending = excluded.credits_pending, \
-         credits_posted = excluded.credits_posted, version = excluded.version, \
-         last_posted_at_ms = excluded.last_posted_at_ms, last_entry_seq = excluded.last_entry_seq, \
-         last_leg = excluded.last_leg",
-        12,
-        &accounts,
-    )?;
     Ok(true)
 }
 
@@ -484,14 +475,15 @@ fn expire_in_tx(conn: &Connection, now_ms: i64, limit: u32) -> Result<Vec<EntryI
         return Ok(Vec::new());
     }
     let mut book = Book::default();
-    let mut accounts = BTreeSet::new();
+    let mut owned = Vec::new();
     for id in &ids {
         let id = parse_entry_id(id)?;
         if let Some(hold) = load_hold(conn, &id)? {
-            accounts.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
+            owned.extend(hold.legs.iter().map(|(a, ..)| a.clone()));
             book.put_hold(id, hold);
         }
     }
+    let accounts: BTreeSet<&AccountId> = owned.iter().collect();
     load_accounts(conn, &mut book, &accounts)?;
     let expired = book
         .expire_due(now_ms, usize::try_from(limit).unwrap_or(usize::MAX))

@@ -171,6 +171,10 @@ fn ids_parse_and_print() {
     let m = MerchantId::generate(1, [9; 10]);
     let id = AccountId::merchant_pending(m, Currency::CNY);
     assert_eq!(AccountId::parse(&id.to_string()).unwrap(), id);
+    assert_eq!(id.owner(), m.to_string());
+    assert_eq!(id.kind(), AccountKind::MerchantPending);
+    assert_eq!(wallet("bob").owner(), "bob");
+    assert_eq!(AccountId::parse("wallet:bob:JPY").unwrap().owner(), "bob");
     assert_eq!(
         AccountId::platform_fee(Currency::USD).to_string(),
         "platform_fee:platform:USD"
