@@ -160,12 +160,24 @@ async fn open_in<C: GenericClient>(
     Ok(out)
 }
 
+/// Plans this transaction's statements for their actual arguments. Cached statements otherwise
+/// switch to a generic plan after five runs, and a generic plan made while the ledger tables
+/// were nearly empty keeps scanning them sequentially as they grow: measured 111 ms per batch
+/// of 100 after 100,000 entries, ~1,000 full scans of `ledger_entries` (docs/BENCHMARKS.md).
+/// `SET LOCAL` ends with the transaction (the caller's, for `post_entries_in_tx`).
+async fn plan_per_execution(tx: &Transaction<'_>) -> Result<(), Fail> {
+    tx.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        .await
+        .map_err(pg)
+}
+
 async fn post_in(
     tx: &Transaction<'_>,
     entries: &[Entry],
     now_ms: i64,
 ) -> Result<Vec<PostOutcome>, Fail> {
     check_batch(entries.len())?;
+    plan_per_execution(tx).await?;
     let n = i64::try_from(entries.len()).unwrap_or(i64::MAX);
     // Sequence numbers for every entry that may be new (unused ones are gaps, which is fine).
     let seqs: Vec<i64> = query(
@@ -558,6 +570,7 @@ async fn write_changes(
 }
 
 async fn expire_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Vec<EntryId>, Fail> {
+    plan_per_execution(tx).await?;
     let limit = i64::from(limit.min(EXPIRE_BATCH_MAX));
     // SKIP LOCKED: a hold being posted or voided right now is that batch's business.
     let ids: Vec<String> = query(
@@ -588,6 +601,7 @@ async fn expire_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Vec<
 }
 
 async fn flush_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<FlushReport, Fail> {
+    plan_per_execution(tx).await?;
     execute(tx, "SELECT pg_advisory_xact_lock($1)", &[&FLUSH_LOCK]).await?;
     let limit = i64::from(limit.min(FLUSH_BATCH_MAX));
     let rows = query(
