@@ -287,13 +287,15 @@ pub(crate) fn is_checkpoint(version: i64) -> bool {
 }
 
 /// Trial balance: one query both backends run as is.
-pub(crate) const TRIAL_BALANCE_SQL: &str = "SELECT kind, currency, COUNT(*), \
-     CAST(SUM(debits_posted) AS BIGINT), CAST(SUM(credits_posted) AS BIGINT) \
-     FROM ledger_accounts GROUP BY kind, currency ORDER BY kind, currency";
+pub(crate) const TRIAL_BALANCE_SQL: &str = "SELECT a.kind, a.currency, COUNT(*), \
+     CAST(SUM(b.debits_posted) AS BIGINT), CAST(SUM(b.credits_posted) AS BIGINT) \
+     FROM ledger_accounts a JOIN ledger_balances b ON b.account_no = a.account_no \
+     GROUP BY a.kind, a.currency ORDER BY a.kind, a.currency";
 
 /// The check's three scans, identical on both backends.
-pub(crate) const CHECK_ACCOUNTS_SQL: &str = "SELECT id, currency, debits_pending, debits_posted, \
-     credits_pending, credits_posted FROM ledger_accounts";
+pub(crate) const CHECK_ACCOUNTS_SQL: &str = "SELECT a.id, a.currency, b.debits_pending, \
+     b.debits_posted, b.credits_pending, b.credits_posted \
+     FROM ledger_accounts a JOIN ledger_balances b ON b.account_no = a.account_no";
 pub(crate) const CHECK_POSTINGS_SQL: &str = "SELECT p.account_id, p.side, p.pending, \
      CAST(SUM(p.amount_minor) AS BIGINT), COUNT(*) \
      FROM ledger_postings p \

@@ -21,7 +21,7 @@ use payrail_domain::ledger::{
     AccountId, AccountState, Balance, BodyHash, Book, Changes, Entry, EntryId, Hold, PostOutcome,
     PostingRef, StoredEntry,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
@@ -134,15 +134,25 @@ async fn open_in<C: GenericClient>(
     for spec in specs {
         let id = spec.id.to_string();
         let flags = i64::from(spec.flags.bits());
-        let inserted = execute(
+        // The number comes from the balances' sequence; a concurrent open of the same account
+        // waits on the id and then finds it taken, leaving only a gap in the numbers.
+        let inserted = query(
             c,
-            "INSERT INTO ledger_accounts (id, kind, currency, flags, debits_pending, debits_posted, \
-             credits_pending, credits_posted, version, last_posted_at_ms, created_at_ms) \
-             VALUES ($1, $2, $3, $4, 0, 0, 0, 0, 0, 0, $5) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO ledger_accounts (id, account_no, kind, currency, flags, created_at_ms) \
+             VALUES ($1, nextval(pg_get_serial_sequence('ledger_balances', 'account_no')), $2, $3, $4, $5) \
+             ON CONFLICT (id) DO NOTHING RETURNING account_no",
             &[&id, &spec.id.kind().as_str(), &spec.id.currency().code(), &flags, &now_ms],
         )
         .await?;
-        if inserted == 1 {
+        if let Some(r) = inserted.first() {
+            let no: i64 = get(r, 0)?;
+            execute(
+                c,
+                "INSERT INTO ledger_balances (account_no, flags, debits_pending, debits_posted, credits_pending, \
+                 credits_posted, version, last_posted_at_ms) VALUES ($1, $2, 0, 0, 0, 0, 0, 0)",
+                &[&no, &flags],
+            )
+            .await?;
             out.push(OpenOutcome::Opened);
             continue;
         }
@@ -218,13 +228,13 @@ async fn post_in(
     }
     let mut accounts = own_accounts(entries);
     accounts.extend(hold_accounts.iter());
-    load_accounts(tx, &mut book, &accounts).await?;
+    let nos = load_accounts(tx, &mut book, &accounts).await?;
     let mut outcomes = Vec::with_capacity(entries.len());
     for e in entries {
         outcomes.push(book.post(e, now_ms).map_err(corrupt)?);
     }
     let changes = book.take_changes();
-    write_changes(tx, &book, &changes, now_ms).await?;
+    write_changes(tx, &book, &changes, &nos, now_ms).await?;
     Ok(outcomes)
 }
 
@@ -273,15 +283,17 @@ async fn lock_holds(
     Ok(out)
 }
 
-/// Loads the accounts into the book: the others locked `FOR UPDATE` in id order, the buffered
-/// ones as deferred (no lock, no balance: the batch records a delta).
+/// Loads the accounts into the book: the others with their balance rows locked `FOR UPDATE` in
+/// id order, the buffered ones as deferred (no lock, no balance: the batch records a delta).
+/// Returns the `account_no` of each locked account.
 async fn load_accounts(
     tx: &Transaction<'_>,
     book: &mut Book,
     ids: &BTreeSet<&AccountId>,
-) -> Result<(), Fail> {
+) -> Result<HashMap<String, i64>, Fail> {
+    let mut nos = HashMap::new();
     if ids.is_empty() {
-        return Ok(());
+        return Ok(nos);
     }
     let keys: Vec<String> = ids.iter().map(|a| a.to_string()).collect();
     for r in query(
@@ -298,17 +310,21 @@ async fn load_accounts(
     }
     for r in query(
         tx,
-        "SELECT id, flags, debits_pending, debits_posted, credits_pending, credits_posted, version, \
-         last_posted_at_ms, last_entry_seq, last_leg FROM ledger_accounts \
-         WHERE id = ANY($1) AND (flags & $2) = 0 ORDER BY id FOR UPDATE",
+        "SELECT a.id, b.flags, b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, \
+         b.version, b.last_posted_at_ms, b.last_entry_seq, b.last_leg, b.account_no \
+         FROM ledger_accounts a JOIN ledger_balances b ON b.account_no = a.account_no \
+         WHERE a.id = ANY($1) AND (a.flags & $2) = 0 ORDER BY a.id FOR UPDATE OF b",
         &[&keys, &BUFFERED_BIT],
     )
     .await?
     {
         let seq: Option<i64> = get(&r, 8)?;
         let leg: Option<i64> = get(&r, 9)?;
+        let id: String = get(&r, 0)?;
+        let account = parse_account(&id)?;
+        nos.insert(id, get(&r, 10)?);
         book.put_account(
-            parse_account(get(&r, 0)?)?,
+            account,
             AccountState {
                 flags: parse_flags(get(&r, 1)?)?,
                 balance: Balance {
@@ -326,7 +342,7 @@ async fn load_accounts(
             },
         );
     }
-    Ok(())
+    Ok(nos)
 }
 
 /// Column arrays for one `INSERT … SELECT * FROM UNNEST(…)`.
@@ -411,6 +427,7 @@ async fn write_changes(
     tx: &Transaction<'_>,
     book: &Book,
     changes: &Changes,
+    nos: &HashMap<String, i64>,
     now_ms: i64,
 ) -> Result<(), Fail> {
     let deferred = |a: &AccountId| book.account(a).is_some_and(|s| s.deferred);
@@ -526,6 +543,7 @@ async fn write_changes(
         .await?;
     }
     let mut locked = BalanceCols::default();
+    let mut locked_nos = Vec::new();
     let (mut version, mut last_at, mut last_seq, mut last_leg) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut deltas = BalanceCols::default();
@@ -539,6 +557,10 @@ async fn write_changes(
             }
             continue;
         }
+        locked_nos.push(
+            *nos.get(id.as_str())
+                .ok_or_else(|| corrupt(format!("changed account {id} was not loaded")))?,
+        );
         locked.push(id.to_string(), s.balance);
         version.push(s.version);
         last_at.push(s.last_posted_at_ms);
@@ -548,11 +570,11 @@ async fn write_changes(
     if !locked.id.is_empty() {
         execute(
             tx,
-            "UPDATE ledger_accounts a SET debits_pending = u.dp, debits_posted = u.dpo, credits_pending = u.cp, \
+            "UPDATE ledger_balances b SET debits_pending = u.dp, debits_posted = u.dpo, credits_pending = u.cp, \
              credits_posted = u.cpo, version = u.v, last_posted_at_ms = u.t, last_entry_seq = u.s, last_leg = u.l \
-             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], \
-             $8::int8[], $9::int8[]) AS u(id, dp, dpo, cp, cpo, v, t, s, l) WHERE a.id = u.id",
-            &[&locked.id, &locked.dp, &locked.dpo, &locked.cp, &locked.cpo, &version, &last_at, &last_seq, &last_leg],
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], \
+             $8::int8[], $9::int8[]) AS u(no, dp, dpo, cp, cpo, v, t, s, l) WHERE b.account_no = u.no",
+            &[&locked_nos, &locked.dp, &locked.dpo, &locked.cp, &locked.cpo, &version, &last_at, &last_seq, &last_leg],
         )
         .await?;
     }
@@ -593,10 +615,10 @@ async fn expire_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Vec<
         book.put_hold(id, hold);
     }
     let accounts: BTreeSet<&AccountId> = owned.iter().collect();
-    load_accounts(tx, &mut book, &accounts).await?;
+    let nos = load_accounts(tx, &mut book, &accounts).await?;
     let expired = book.expire_due(now_ms, ids.len()).map_err(corrupt)?;
     let changes = book.take_changes();
-    write_changes(tx, &book, &changes, now_ms).await?;
+    write_changes(tx, &book, &changes, &nos, now_ms).await?;
     Ok(expired)
 }
 
@@ -631,13 +653,14 @@ async fn flush_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Flush
     let keys: Vec<String> = sums.keys().cloned().collect();
     let current = query(
         tx,
-        "SELECT id, debits_pending, debits_posted, credits_pending, credits_posted, version, last_posted_at_ms \
-         FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT a.id, b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, b.version, \
+         b.last_posted_at_ms, b.account_no FROM ledger_accounts a JOIN ledger_balances b ON b.account_no = a.account_no \
+         WHERE a.id = ANY($1) ORDER BY a.id FOR UPDATE OF b",
         &[&keys],
     )
     .await?;
     let mut cols = BalanceCols::default();
-    let (mut versions, mut times) = (Vec::new(), Vec::new());
+    let (mut versions, mut times, mut flushed_nos) = (Vec::new(), Vec::new(), Vec::new());
     let mut h = HistoryCols::default();
     for r in &current {
         let id: String = get(r, 0)?;
@@ -663,6 +686,7 @@ async fn flush_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Flush
         h.credits.push(b.credits_posted);
         h.seq.push(None);
         h.leg.push(None);
+        flushed_nos.push(get::<i64>(r, 7)?);
         cols.push(id, b);
         versions.push(version);
         times.push(at);
@@ -672,11 +696,11 @@ async fn flush_in(tx: &Transaction<'_>, now_ms: i64, limit: u32) -> Result<Flush
     }
     execute(
         tx,
-        "UPDATE ledger_accounts a SET debits_pending = u.dp, debits_posted = u.dpo, credits_pending = u.cp, \
+        "UPDATE ledger_balances b SET debits_pending = u.dp, debits_posted = u.dpo, credits_pending = u.cp, \
          credits_posted = u.cpo, version = u.v, last_posted_at_ms = u.t \
-         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[]) \
-         AS u(id, dp, dpo, cp, cpo, v, t) WHERE a.id = u.id",
-        &[&cols.id, &cols.dp, &cols.dpo, &cols.cp, &cols.cpo, &versions, &times],
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[]) \
+         AS u(no, dp, dpo, cp, cpo, v, t) WHERE b.account_no = u.no",
+        &[&flushed_nos, &cols.dp, &cols.dpo, &cols.cp, &cols.cpo, &versions, &times],
     )
     .await?;
     h.insert(tx).await?;
@@ -756,12 +780,13 @@ impl LedgerStore for PgStore {
         // at all.
         let rows = query(
             &c,
-            "SELECT a.flags, a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted, \
-             a.version, a.last_posted_at_ms, a.created_at_ms, \
+            "SELECT a.flags, n.debits_pending, n.debits_posted, n.credits_pending, n.credits_posted, \
+             n.version, n.last_posted_at_ms, a.created_at_ms, \
              CAST(COALESCE(SUM(b.debits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(b.debits_posted), 0) AS BIGINT), \
              CAST(COALESCE(SUM(b.credits_pending), 0) AS BIGINT), CAST(COALESCE(SUM(b.credits_posted), 0) AS BIGINT) \
-             FROM ledger_accounts a LEFT JOIN ledger_buffered b ON b.account_id = a.id \
-             WHERE a.id = $1 GROUP BY a.id",
+             FROM ledger_accounts a JOIN ledger_balances n ON n.account_no = a.account_no \
+             LEFT JOIN ledger_buffered b ON b.account_id = a.id \
+             WHERE a.id = $1 GROUP BY a.id, n.account_no",
             &[&key],
         )
         .await
@@ -885,7 +910,8 @@ async fn balance_at_in<C: GenericClient>(
     let key = id.to_string();
     let rows = query(
         c,
-        "SELECT last_entry_seq, last_leg FROM ledger_accounts WHERE id = $1",
+        "SELECT b.last_entry_seq, b.last_leg FROM ledger_accounts a \
+         JOIN ledger_balances b ON b.account_no = a.account_no WHERE a.id = $1",
         &[&key],
     )
     .await?;

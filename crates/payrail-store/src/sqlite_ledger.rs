@@ -18,7 +18,7 @@ use payrail_domain::ledger::{
     PostingRef, StoredEntry,
 };
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 fn exec(c: &Connection, sql: &str) -> Result<()> {
     c.prepare_cached(sql)
@@ -76,23 +76,32 @@ pub fn open_accounts_in_tx(
     let mut out = Vec::with_capacity(specs.len());
     for spec in specs {
         let id = spec.id.to_string();
+        let flags = i64::from(spec.flags.bits());
+        // The single writer numbers accounts: no other transaction can take the number.
         let inserted = conn
             .prepare_cached(
-                "INSERT INTO ledger_accounts (id, kind, currency, flags, debits_pending, debits_posted, \
-                 credits_pending, credits_posted, version, last_posted_at_ms, created_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, 0, 0, 0, 0, 0, 0, ?5) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO ledger_accounts (id, account_no, kind, currency, flags, created_at_ms) \
+                 VALUES (?1, (SELECT COALESCE(MAX(account_no), 0) + 1 FROM ledger_balances), ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (id) DO NOTHING",
             )
             .and_then(|mut s| {
                 s.execute(params![
                     id,
                     spec.id.kind().as_str(),
                     spec.id.currency().code(),
-                    i64::from(spec.flags.bits()),
+                    flags,
                     now_ms
                 ])
             })
             .map_err(db_err)?;
         if inserted == 1 {
+            conn.prepare_cached(
+                "INSERT INTO ledger_balances (account_no, flags, debits_pending, debits_posted, credits_pending, \
+                 credits_posted, version, last_posted_at_ms) \
+                 VALUES ((SELECT account_no FROM ledger_accounts WHERE id = ?1), ?2, 0, 0, 0, 0, 0, 0)",
+            )
+            .and_then(|mut s| s.execute(params![id, flags]))
+            .map_err(db_err)?;
             out.push(OpenOutcome::Opened);
             continue;
         }
@@ -135,7 +144,7 @@ fn post_once(
     }
     let mut accounts = own_accounts(entries);
     accounts.extend(hold_accounts.iter());
-    load_accounts(conn, &mut book, &accounts)?;
+    let nos = load_accounts(conn, &mut book, &accounts)?;
     if load_stored {
         for e in entries {
             if let Some(stored) = load_stored_entry(conn, e.id())? {
@@ -148,7 +157,7 @@ fn post_once(
         outcomes.push(book.post(e, now_ms).map_err(corrupt)?);
     }
     let changes = book.take_changes();
-    if !write_changes(conn, &book, &changes)? {
+    if !write_changes(conn, &book, &changes, &nos)? {
         return Ok(None);
     }
     Ok(Some(outcomes))
@@ -178,16 +187,23 @@ fn value_groups(rows: usize, cols: usize) -> String {
     vec![one; rows].join(", ")
 }
 
-fn load_accounts(conn: &Connection, book: &mut Book, ids: &BTreeSet<&AccountId>) -> Result<()> {
+/// Loads the accounts into the book; returns each one's `account_no`.
+fn load_accounts(
+    conn: &Connection,
+    book: &mut Book,
+    ids: &BTreeSet<&AccountId>,
+) -> Result<HashMap<String, i64>> {
     let keys: Vec<&str> = ids.iter().map(|a| a.as_str()).collect();
+    let mut nos = HashMap::with_capacity(keys.len());
     let mut done = 0;
     for size in chunks(keys.len()) {
         let part = &keys[done..done + size];
         done += size;
         let mut s = conn
             .prepare_cached(&format!(
-                "SELECT id, flags, debits_pending, debits_posted, credits_pending, credits_posted, version, \
-                 last_posted_at_ms, last_entry_seq, last_leg FROM ledger_accounts WHERE id IN ({})",
+                "SELECT a.id, b.flags, b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, \
+                 b.version, b.last_posted_at_ms, b.last_entry_seq, b.last_leg, b.account_no \
+                 FROM ledger_accounts a JOIN ledger_balances b ON b.account_no = a.account_no WHERE a.id IN ({})",
                 vec!["?"; size].join(", ")
             ))
             .map_err(db_err)?;
@@ -199,8 +215,10 @@ fn load_accounts(conn: &Connection, book: &mut Book, ids: &BTreeSet<&AccountId>)
             let id: String = r.get(0).map_err(db_err)?;
             let seq: Option<i64> = r.get(8).map_err(db_err)?;
             let leg: Option<i64> = r.get(9).map_err(db_err)?;
+            let account = parse_account(&id)?;
+            nos.insert(id, r.get(10).map_err(db_err)?);
             book.put_account(
-                parse_account(&id)?,
+                account,
                 AccountState {
                     flags: parse_flags(r.get(1).map_err(db_err)?)?,
                     balance: Balance {
@@ -219,7 +237,7 @@ fn load_accounts(conn: &Connection, book: &mut Book, ids: &BTreeSet<&AccountId>)
             );
         }
     }
-    Ok(())
+    Ok(nos)
 }
 
 fn load_hold(conn: &Connection, pending_id: &EntryId) -> Result<Option<Hold>> {
@@ -310,7 +328,12 @@ fn insert_chunked(
 }
 
 /// Writes a book's changes. `Ok(false)`: an entry id is already taken; the caller rolls back.
-fn write_changes(conn: &Connection, book: &Book, changes: &Changes) -> Result<bool> {
+fn write_changes(
+    conn: &Connection,
+    book: &Book,
+    changes: &Changes,
+    nos: &HashMap<String, i64>,
+) -> Result<bool> {
     use rusqlite::types::{ToSqlOutput, Value};
     fn int(v: i64) -> ToSqlOutput<'static> {
         ToSqlOutput::Owned(Value::Integer(v))
@@ -430,9 +453,9 @@ fn write_changes(conn: &Connection, book: &Book, changes: &Changes) -> Result<bo
     // Every changed account, once per batch: one primary-key update each.
     let mut update = conn
         .prepare_cached(
-            "UPDATE ledger_accounts SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, \
+            "UPDATE ledger_balances SET debits_pending = ?2, debits_posted = ?3, credits_pending = ?4, \
              credits_posted = ?5, version = ?6, last_posted_at_ms = ?7, last_entry_seq = ?8, last_leg = ?9 \
-             WHERE id = ?1",
+             WHERE account_no = ?1",
         )
         .map_err(db_err)?;
     for id in &changes.accounts {
@@ -440,9 +463,12 @@ fn write_changes(conn: &Connection, book: &Book, changes: &Changes) -> Result<bo
             return Err(corrupt(format!("changed account {id} not in the book")));
         };
         let b = s.balance;
+        let no = nos
+            .get(id.as_str())
+            .ok_or_else(|| corrupt(format!("changed account {id} was not loaded")))?;
         update
             .execute(params![
-                id.as_str(),
+                no,
                 b.debits_pending,
                 b.debits_posted,
                 b.credits_pending,
@@ -484,21 +510,36 @@ fn expire_in_tx(conn: &Connection, now_ms: i64, limit: u32) -> Result<Vec<EntryI
         }
     }
     let accounts: BTreeSet<&AccountId> = owned.iter().collect();
-    load_accounts(conn, &mut book, &accounts)?;
+    let nos = load_accounts(conn, &mut book, &accounts)?;
     let expired = book
         .expire_due(now_ms, usize::try_from(limit).unwrap_or(usize::MAX))
         .map_err(corrupt)?;
     let changes = book.take_changes();
-    if !write_changes(conn, &book, &changes)? {
+    if !write_changes(conn, &book, &changes, &nos)? {
         return Err(corrupt("expiry wrote an entry"));
     }
     Ok(expired)
 }
 
+/// Runs `f` in one read transaction: every statement sees the same WAL snapshot, so reads of
+/// several tables agree even while the writer commits.
+fn in_read_tx<R>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
+    exec(conn, "BEGIN")?;
+    let out = f(conn);
+    // A read transaction has nothing to commit; ending it releases the snapshot.
+    let end = exec(conn, "COMMIT");
+    let out = out?;
+    end?;
+    Ok(out)
+}
+
 fn balance_at_in(conn: &Connection, id: &AccountId, at_ms: i64) -> Result<Option<Balance>> {
     let key = id.to_string();
     let account: Option<(Option<i64>, Option<i64>)> = conn
-        .prepare_cached("SELECT last_entry_seq, last_leg FROM ledger_accounts WHERE id = ?1")
+        .prepare_cached(
+            "SELECT b.last_entry_seq, b.last_leg FROM ledger_accounts a \
+             JOIN ledger_balances b ON b.account_no = a.account_no WHERE a.id = ?1",
+        )
         .and_then(|mut s| {
             s.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
@@ -767,8 +808,9 @@ impl LedgerStore for SqliteStore {
         self.read(move |c| {
             let row = c
                 .prepare_cached(
-                    "SELECT flags, debits_pending, debits_posted, credits_pending, credits_posted, version, \
-                     last_posted_at_ms, created_at_ms FROM ledger_accounts WHERE id = ?1",
+                    "SELECT a.flags, b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, \
+                     b.version, b.last_posted_at_ms, a.created_at_ms FROM ledger_accounts a \
+                     JOIN ledger_balances b ON b.account_no = a.account_no WHERE a.id = ?1",
                 )
                 .and_then(|mut s| {
                     s.query_row([id.to_string()], |r| {
@@ -806,12 +848,14 @@ impl LedgerStore for SqliteStore {
 
     async fn balance_at(&self, id: &AccountId, at_ms: i64) -> Result<Option<Balance>> {
         let id = id.clone();
-        self.read(move |c| balance_at_in(c, &id, at_ms)).await
+        self.read(move |c| in_read_tx(c, |c| balance_at_in(c, &id, at_ms)))
+            .await
     }
 
     async fn get_entry(&self, id: &EntryId) -> Result<Option<EntryRecord>> {
         let id = id.clone();
-        self.read(move |c| get_entry_in(c, &id)).await
+        self.read(move |c| in_read_tx(c, |c| get_entry_in(c, &id)))
+            .await
     }
 
     async fn trial_balance(&self) -> Result<Vec<TrialBalanceRow>> {
@@ -839,7 +883,7 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn check_ledger(&self) -> Result<LedgerCheck> {
-        self.read(check_in).await
+        self.read(|c| in_read_tx(c, check_in)).await
     }
 }
 
