@@ -1,5 +1,6 @@
 //! The payrail domain: money, identifiers, the payment and refund state machines, request
-//! signing and the validated inputs of the merchant API.
+//! signing, the validated inputs of the merchant API, and the ledger: accounts and entries,
+//! posting rules, fee plans and settlement cycles.
 //!
 //! This crate does no I/O: no clock, no randomness, no network, no database. Time and random bytes
 //! are passed in by the caller, so every rule here is deterministic and unit-testable.
@@ -8,12 +9,16 @@
 pub mod channel;
 pub mod civil;
 pub mod clock;
+pub mod fees;
 pub mod id;
 pub mod input;
+pub mod ledger;
 pub mod money;
 pub mod payment;
+pub mod posting_rules;
 pub mod refund;
 pub mod secret;
+pub mod settlement;
 pub mod signing;
 pub mod webhook;
 

@@ -11,10 +11,13 @@
 //! same transaction.
 
 mod common;
+pub mod ledger;
 pub mod postgres;
+pub mod postgres_ledger;
 mod records;
 mod schema;
 pub mod sqlite;
+pub mod sqlite_ledger;
 pub mod webhooks;
 
 pub use records::*;

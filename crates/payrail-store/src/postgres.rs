@@ -32,7 +32,7 @@ pub struct PgStore {
 
 type Params<'a> = [&'a (dyn ToSql + Sync)];
 
-fn pg_err(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
@@ -89,7 +89,7 @@ impl PgStore {
         Ok(store)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_err)
     }
 

@@ -275,13 +275,123 @@ CREATE TABLE webhook_attempts (
 );
 "#,
     },
+    Migration {
+        version: 6,
+        name: "ledger",
+        sql: LEDGER_SQL,
+    },
 ];
+
+/// The double-entry ledger (docs/ledger.md). Self-contained: it touches no table of another
+/// migration, so it can be renumbered when migrations from other branches land.
+///
+/// Write-path cost drives the layout: on SQLite every page a commit touches is written whole to
+/// the WAL, so the per-posting tables are keyed by an ever-growing entry sequence number (appends)
+/// and there is **no per-account index on postings** (measured: one doubled the commit time at
+/// 10,000 accounts). An account's history is a chain instead: each posting row links to the
+/// account's previous posting and carries the account's counters after it, and every
+/// `HISTORY_CHECKPOINT_EVERY`-th posting of an account is also indexed in
+/// `ledger_balance_history`, so a balance at a past time is found by a seek plus a bounded walk.
+const LEDGER_SQL: &str = r#"
+-- One row per account, named kind:owner:CUR: what the account is. Never updated.
+CREATE TABLE ledger_accounts (
+    id TEXT PRIMARY KEY,
+    account_no BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    flags BIGINT NOT NULL CHECK (flags >= 0 AND flags < 8),
+    created_at_ms BIGINT NOT NULL
+){without_rowid};
+-- What changes: the counters, kept apart so that the rows every commit rewrites are narrow
+-- (measured: ~40 % less commit time than one wide row at 10,000 accounts on SQLite). The four
+-- counters only grow, except that pending amounts leave when a hold is posted, voided or
+-- expires. No-overdraft is enforced by the posting code and, as a last line of defence, by these
+-- CHECKs (`flags` is copied here for them).
+CREATE TABLE ledger_balances (
+    account_no {ledger_seq},
+    flags BIGINT NOT NULL,
+    debits_pending BIGINT NOT NULL CHECK (debits_pending >= 0),
+    debits_posted BIGINT NOT NULL CHECK (debits_posted >= 0),
+    credits_pending BIGINT NOT NULL CHECK (credits_pending >= 0),
+    credits_posted BIGINT NOT NULL CHECK (credits_posted >= 0),
+    version BIGINT NOT NULL,
+    last_posted_at_ms BIGINT NOT NULL,
+    last_entry_seq BIGINT,
+    last_leg BIGINT,
+    CHECK ((flags & 1) = 0 OR debits_pending + debits_posted <= credits_posted),
+    CHECK ((flags & 2) = 0 OR credits_pending + credits_posted <= debits_posted)
+);
+-- Journal entries. `id` is the caller's idempotency key; `seq` orders entries and keys postings.
+CREATE TABLE ledger_entries (
+    seq {ledger_seq},
+    id TEXT NOT NULL UNIQUE,
+    code TEXT NOT NULL,
+    phase TEXT NOT NULL CHECK (phase IN ('posted', 'pending', 'post_pending', 'void_pending')),
+    currency TEXT,
+    reference TEXT,
+    pending_id TEXT,
+    timeout_ms BIGINT,
+    body_hash TEXT NOT NULL,
+    posted_at_ms BIGINT NOT NULL
+);
+-- Postings. The history columns are null for a buffered (hot) account on PostgreSQL, whose
+-- history is kept per flush in ledger_balance_history instead.
+CREATE TABLE ledger_postings (
+    entry_seq BIGINT NOT NULL,
+    leg BIGINT NOT NULL,
+    account_id TEXT NOT NULL,
+    side TEXT NOT NULL CHECK (side IN ('D', 'C')),
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+    pending BIGINT NOT NULL CHECK (pending IN (0, 1)),
+    posted_at_ms BIGINT NOT NULL,
+    account_version BIGINT,
+    debits_posted_after BIGINT,
+    credits_posted_after BIGINT,
+    prev_entry_seq BIGINT,
+    prev_leg BIGINT,
+    PRIMARY KEY (entry_seq, leg)
+){without_rowid};
+-- The hold of each two-phase entry and what became of it.
+CREATE TABLE ledger_holds (
+    entry_id TEXT PRIMARY KEY,
+    entry_seq BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'posted', 'voided', 'expired')),
+    resolved_by TEXT
+);
+CREATE INDEX ledger_holds_due ON ledger_holds (expires_at_ms) WHERE state = 'pending';
+-- Balance checkpoints: every HISTORY_CHECKPOINT_EVERY-th posting of an account (entry_seq and
+-- leg name it), and every flush of a buffered account (entry_seq null).
+CREATE TABLE ledger_balance_history (
+    account_id TEXT NOT NULL,
+    posted_at_ms BIGINT NOT NULL,
+    account_version BIGINT NOT NULL,
+    debits_posted BIGINT NOT NULL,
+    credits_posted BIGINT NOT NULL,
+    entry_seq BIGINT,
+    leg BIGINT,
+    PRIMARY KEY (account_id, posted_at_ms, account_version)
+){without_rowid};
+-- Balance changes of buffered accounts not yet applied (PostgreSQL; the SQLite writer applies
+-- them in the same batch). Deleted by the flush that applies them.
+CREATE TABLE ledger_buffered (
+    seq {serial},
+    account_id TEXT NOT NULL,
+    debits_pending BIGINT NOT NULL,
+    debits_posted BIGINT NOT NULL,
+    credits_pending BIGINT NOT NULL,
+    credits_posted BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL
+);
+{ledger_immutable}
+"#;
 
 pub const SQLITE_SERIAL: &str = "INTEGER PRIMARY KEY AUTOINCREMENT";
 pub const PG_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
 
 /// A migration's SQL for SQLite or (`postgres = true`) PostgreSQL.
 pub fn render(sql: &str, postgres: bool) -> String {
+    let sql = render_ledger(sql, postgres);
     if postgres {
         // Outbox positions: null until numbered after commit, unique once numbered.
         sql.replace("{outbox_seq}", "BIGINT UNIQUE")
@@ -300,3 +410,44 @@ pub fn render(sql: &str, postgres: bool) -> String {
             .replace("{outbox_insert_order}", "")
     }
 }
+
+/// The ledger migration's placeholders.
+fn render_ledger(sql: &str, postgres: bool) -> String {
+    if postgres {
+        sql.replace("{ledger_seq}", PG_SERIAL)
+            .replace("{without_rowid}", "")
+            .replace("{ledger_immutable}", PG_LEDGER_IMMUTABLE)
+    } else {
+        // A plain INTEGER PRIMARY KEY is the rowid: appends with no separate index, and no
+        // AUTOINCREMENT bookkeeping row to rewrite at every commit. Entries are never deleted,
+        // so rowids are never reused. WITHOUT ROWID stores rows in their key's B-tree: one tree
+        // per table instead of two.
+        sql.replace("{ledger_seq}", "INTEGER PRIMARY KEY")
+            .replace("{without_rowid}", " WITHOUT ROWID")
+            .replace("{ledger_immutable}", SQLITE_LEDGER_IMMUTABLE)
+    }
+}
+
+/// Entries and postings are never updated or deleted: a correction is a reversing entry.
+const SQLITE_LEDGER_IMMUTABLE: &str = r#"
+CREATE TRIGGER ledger_entries_no_update BEFORE UPDATE ON ledger_entries
+BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable'); END;
+CREATE TRIGGER ledger_entries_no_delete BEFORE DELETE ON ledger_entries
+BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable'); END;
+CREATE TRIGGER ledger_postings_no_update BEFORE UPDATE ON ledger_postings
+BEGIN SELECT RAISE(ABORT, 'ledger postings are immutable'); END;
+CREATE TRIGGER ledger_postings_no_delete BEFORE DELETE ON ledger_postings
+BEGIN SELECT RAISE(ABORT, 'ledger postings are immutable'); END;
+"#;
+
+const PG_LEDGER_IMMUTABLE: &str = r#"
+CREATE FUNCTION ledger_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'ledger rows are immutable (%)', TG_TABLE_NAME;
+END
+$$;
+CREATE TRIGGER ledger_entries_immutable BEFORE UPDATE OR DELETE ON ledger_entries
+    FOR EACH ROW EXECUTE FUNCTION ledger_immutable();
+CREATE TRIGGER ledger_postings_immutable BEFORE UPDATE OR DELETE ON ledger_postings
+    FOR EACH ROW EXECUTE FUNCTION ledger_immutable();
+"#;

@@ -42,7 +42,7 @@ struct Readers {
     idle: Mutex<Vec<Connection>>,
 }
 
-fn db_err(e: rusqlite::Error) -> StoreError {
+pub(crate) fn db_err(e: rusqlite::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
@@ -146,7 +146,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` in the shared write transaction; returns after the commit is durable.
-    async fn write<R: Send + 'static>(
+    pub(crate) async fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {
@@ -181,7 +181,7 @@ impl SqliteStore {
         orx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read<R: Send + 'static>(
+    pub(crate) async fn read<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
     ) -> Result<R> {

@@ -12,7 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// What to measure instead of create-payment requests.
+    #[command(subcommand)]
+    pub command: Option<crate::bench_ledger::BenchCommand>,
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -56,14 +60,14 @@ struct Worker {
     first_error: Option<String>,
 }
 
-fn peak_rss_mb() -> Option<f64> {
+pub(crate) fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
-fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
     if sorted_us.is_empty() {
         return 0.0;
     }

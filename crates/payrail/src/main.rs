@@ -4,6 +4,7 @@
 //! configuration.
 
 mod bench;
+mod bench_ledger;
 mod config;
 mod demo;
 mod emulate;
@@ -64,7 +65,8 @@ enum Command {
     Migrate(ServerArgs),
     /// Walk through a signed merchant flow against a running server.
     Demo(demo::DemoArgs),
-    /// Measure create-payment throughput and latency over real HTTP, then verify every payment.
+    /// Measure create-payment throughput and latency over real HTTP, then verify every payment
+    /// (`payrail bench ledger …`: ledger posting throughput instead).
     Bench(bench::BenchArgs),
     /// Ask the channels again about open (or named) payments and apply their answers.
     Requery {
@@ -94,7 +96,10 @@ fn main() -> ExitCode {
             Command::Serve(a) => serve::serve(a.overrides()).await,
             Command::Migrate(a) => serve::migrate(a.overrides()).await,
             Command::Demo(a) => demo::run(a).await,
-            Command::Bench(a) => bench::run(a).await,
+            Command::Bench(a) => match a.command {
+                Some(bench_ledger::BenchCommand::Ledger(l)) => bench_ledger::run(l).await,
+                None => bench::run(a).await,
+            },
             Command::Emulate(a) => emulate::run(a).await,
             Command::Requery { server, args } => requery::run(server.overrides(), args).await,
         }
