@@ -70,7 +70,7 @@ pub async fn run(args: EmulateArgs) -> Result<()> {
     cfg.channel_private_key_pem = std::fs::read_to_string(&channel_private)
         .with_context(|| format!("cannot read {}", channel_private.display()))?;
     cfg.merchant_public_key_pem = merchant_public_pem;
-    let emu = spawn(cfg).await.context("cannot start the emulator")?;
+    let emu = std::sync::Arc::new(spawn(cfg).await.context("cannot start the emulator")?);
     let public = dir.join("channel-public.pem");
     let c = &emu.config;
     println!("{} emulator listening on {}", args.channel, emu.base_url);
@@ -101,9 +101,59 @@ pub async fn run(args: EmulateArgs) -> Result<()> {
             println!("  unionpay_public_key  = {}", public.display());
         }
     }
+    // The body of `POST /v1/operator/channel-accounts` for this emulator, keys inlined.
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let channel_public = read(&public)?;
+    let merchant_key = read(&merchant_private)?;
+    let body = match kind {
+        ChannelKind::WechatPay => serde_json::json!({
+            "channel": "wechatpay", "name": "WeChat Pay emulator",
+            "config": {"base_url": emu.base_url, "mchid": c.merchant_id, "appid": c.app_id,
+                "merchant_serial_no": "EMULATOR", "platform_public_key": channel_public,
+                "platform_serial": c.platform_serial},
+            "secrets": {"merchant_private_key": merchant_key, "api_v3_key": c.api_v3_key}
+        }),
+        ChannelKind::Alipay => serde_json::json!({
+            "channel": "alipay", "name": "Alipay emulator",
+            "config": {"gateway_url": format!("{}/gateway.do", emu.base_url), "app_id": c.merchant_id,
+                "seller_id": c.app_id, "alipay_public_key": channel_public},
+            "secrets": {"app_private_key": merchant_key}
+        }),
+        ChannelKind::UnionPay => serde_json::json!({
+            "channel": "unionpay", "name": "UnionPay emulator",
+            "config": {"base_url": emu.base_url, "mer_id": c.merchant_id, "cert_id": "EMULATOR",
+                "unionpay_public_key": channel_public},
+            "secrets": {"signing_key": merchant_key}
+        }),
+    };
+    let account_file = dir.join("channel-account.json");
+    let _ = std::fs::remove_file(&account_file);
+    write_private(&account_file, &body.to_string())?;
+    println!(
+        "channel account request body (with the merchant key; keep it private): {}",
+        account_file.display()
+    );
     println!("admin: POST /__admin/script, /__admin/scan, /__admin/clock/advance; GET /__admin/clock, /__admin/orders/{{no}}, /__admin/deliveries");
+    // The emulator's clock follows the wall clock (notifications carry current timestamps and
+    // retries come on the channel's real schedule); /__admin/clock/advance still jumps ahead.
+    let ticker = {
+        let emu = emu.clone();
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+                let now = std::time::Instant::now();
+                let ms = i64::try_from(now.duration_since(last).as_millis()).unwrap_or(0);
+                last = now;
+                emu.advance(ms).await;
+            }
+        })
+    };
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")?;
+    ticker.abort();
     Ok(())
 }
