@@ -208,7 +208,32 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     show("POST /v1/payments  20.01 CNY", &a);
     println!("     failure={}", a.body["failure"]);
 
-    println!("\n5. Bad requests: each gets a 4xx with a stable code, and nothing is written");
+    println!("\n5. Refunds of the payment from step 1: partial, the rest, then one fen too many");
+    for (amount, label, want) in [
+        (500, "refund 5.00 CNY", 200),
+        (700, "refund the remaining 7.00 CNY", 200),
+        (1, "refund 0.01 CNY more", 409),
+    ] {
+        let body = json!({"payment_id": id, "amount": amount, "out_refund_no": format!("demo-{run_id}-r{amount}"), "reason": "demo"}).to_string();
+        let a = c.post_new(&creds, "/v1/refunds", Some(&body)).await?;
+        show(&format!("POST /v1/refunds  {label}"), &a);
+        expect(&a, want, label)?;
+    }
+    let g = c
+        .signed(
+            &creds,
+            Method::GET,
+            &format!("/v1/payments/{id}"),
+            None,
+            None,
+        )
+        .await?;
+    println!(
+        "     payment: amount_refunded={} amount_refundable={}",
+        g.body["amount_refunded"], g.body["amount_refundable"]
+    );
+
+    println!("\n6. Bad requests: each gets a 4xx with a stable code, and nothing is written");
     let bad: Vec<(&str, String)> = vec![
         ("amount 0", payment_body(0, &format!("demo-{run_id}-b1"), "x")),
         ("amount 12.5 (not minor units)", r#"{"amount":12.5,"currency":"CNY","out_trade_no":"b2","subject":"x","method":"sandbox"}"#.into()),
@@ -261,7 +286,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .signed(&creds, Method::GET, "/v1/payments?limit=3", None, None)
         .await?;
     println!(
-        "\n6. GET /v1/payments?limit=3 -> {} payments, has_more={}",
+        "\n7. GET /v1/payments?limit=3 -> {} payments, has_more={}",
         l.body["data"].as_array().map(Vec::len).unwrap_or(0),
         l.body["has_more"]
     );
