@@ -36,7 +36,11 @@ fn config() -> EngineConfig {
     }
 }
 
-async fn harness(mut config: EngineConfig, worker: bool) -> H {
+async fn harness(config: EngineConfig, worker: bool) -> H {
+    harness_full(config, worker, false).await
+}
+
+async fn harness_full(mut config: EngineConfig, worker: bool, webhooks: bool) -> H {
     let dir = std::env::temp_dir().join(format!("payrail-channels-test-{}", nonce()));
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("payrail.db").display());
@@ -70,6 +74,16 @@ async fn harness(mut config: EngineConfig, worker: bool) -> H {
     });
     if worker {
         tokio::spawn(payrail_engine::worker::run_sync_worker(
+            engine.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    if webhooks {
+        tokio::spawn(payrail_engine::webhooks::run_webhook_dispatcher(
+            engine.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(payrail_engine::webhooks::run_webhook_sender(
             engine.clone(),
             stop_rx,
         ));
@@ -600,6 +614,103 @@ async fn refunds_through_the_channels_never_exceed_the_payment() {
             assert_eq!(refunds.iter().sum::<i64>(), 1000, "{method}: {lines:?}");
             let _ = account;
         }
+    })
+    .await;
+}
+
+/// A merchant's webhook endpoint: records every delivery (headers and body), answers 200.
+async fn webhook_receiver() -> (
+    String,
+    Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>,
+) {
+    let got: Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().fallback(
+        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let g = g.clone();
+            async move {
+                g.lock().unwrap().push((headers, body.to_vec()));
+                axum::http::StatusCode::OK
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/payrail/webhooks", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_final_state_reaches_the_merchant_as_a_signed_webhook() {
+    bounded(async {
+        let cfg = EngineConfig {
+            webhook_allow_private_targets: true,
+            ..config()
+        };
+        let h = harness_full(cfg, true, true).await;
+        let emu = emulator(ChannelKind::WechatPay).await;
+        h.account(&emu).await;
+        let (c_mch, c) = h.client.onboard(&h.op, "Shop").await.unwrap();
+        let _ = c_mch;
+        let (url, got) = webhook_receiver().await;
+        let a = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "wh-1", "subject": "Tea", "method": "wechat_native", "notify_url": url}))
+            .await;
+        let id = a.body["id"].as_str().unwrap().to_string();
+        let order = h.order_no(&id).await;
+        emu.scan(&order).unwrap();
+        emu.flush().await;
+        h.wait_status(&c, &id, "succeeded").await;
+        let r = h
+            .client
+            .signed(&c, Method::POST, "/v1/refunds", Some(&json!({"payment_id": id, "amount": 300, "out_refund_no": "wh-r1"}).to_string()), Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let rid = r.body["id"].as_str().unwrap().to_string();
+        // Wait for both events at the merchant's endpoint.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            emu.flush().await;
+            let types: Vec<String> = got
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(hd, _)| hd.get("payrail-event-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string())
+                .collect();
+            if types.contains(&"payment.succeeded".to_string()) && types.contains(&"refund.succeeded".to_string()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "webhooks so far: {types:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Each is signed with the app's secret over "t.body" and names its object.
+        let deliveries = got.lock().unwrap().clone();
+        for (headers, body) in &deliveries {
+            let sig = headers.get("payrail-signature").unwrap().to_str().unwrap();
+            payrail_domain::webhook::verify_signature(
+                c.secret.as_bytes(),
+                sig,
+                body,
+                payrail_client::unix_now(),
+                300,
+            )
+            .unwrap();
+            let event: Value = serde_json::from_slice(body).unwrap();
+            let object = &event["data"]["object"];
+            match event["type"].as_str().unwrap() {
+                "payment.succeeded" => assert_eq!(object["id"], id.as_str()),
+                "refund.succeeded" => {
+                    assert_eq!((object["id"].as_str(), object["amount"].as_i64()), (Some(rid.as_str()), Some(300)))
+                }
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        // A forged signature does not verify.
+        let (_, body) = &deliveries[0];
+        assert!(payrail_domain::webhook::verify_signature(b"sk_other", deliveries[0].0.get("payrail-signature").unwrap().to_str().unwrap(), body, payrail_client::unix_now(), 300).is_err());
     })
     .await;
 }
