@@ -618,12 +618,12 @@ async fn refunds_through_the_channels_never_exceed_the_payment() {
     .await;
 }
 
-/// A merchant's webhook endpoint: records every delivery (headers and body), answers 200.
-async fn webhook_receiver() -> (
-    String,
-    Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>,
-) {
-    let got: Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>> = Arc::default();
+/// Every delivery a webhook receiver got: headers and body.
+type Deliveries = Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
+
+/// A merchant's webhook endpoint: records every delivery, answers 200.
+async fn webhook_receiver() -> (String, Deliveries) {
+    let got: Deliveries = Arc::default();
     let g = got.clone();
     let app = axum::Router::new().fallback(
         move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
