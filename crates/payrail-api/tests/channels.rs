@@ -714,3 +714,48 @@ async fn every_final_state_reaches_the_merchant_as_a_signed_webhook() {
     })
     .await;
 }
+
+/// Review finding (idempotency): a create-payment replay must return the stored answer. The
+/// deferred admission runs inside the create write, but `Engine::create_payment` routes the
+/// method (and takes a bulkhead slot, and checks the merchant) *before* that write, so a retry
+/// of a request that already succeeded is answered from the current routing instead of from
+/// the idempotency record. Here the only Alipay account is disabled between the first try and
+/// the retry (a POS whose response was lost): the retry is told `400 method_not_available`
+/// although the payer was charged — the cashier would ask the payer to pay again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_replayed_create_returns_the_stored_answer_even_if_routing_changed() {
+    bounded(async {
+        let h = harness(config(), false).await;
+        let emu = emulator(ChannelKind::Alipay).await;
+        let account = h.account(&emu).await;
+        let c = h.merchant().await;
+        let key = nonce();
+        let body = json!({"amount": 1000, "currency": "CNY", "out_trade_no": "review-replay-1", "subject": "Tea", "method": "alipay_code", "auth_code": "287654321098765400"}).to_string();
+        let first = h
+            .client
+            .signed(&c, Method::POST, "/v1/payments", Some(&body), Some(&key))
+            .await
+            .unwrap();
+        assert_eq!((first.status, first.body["status"].as_str()), (200, Some("succeeded")), "{}", first.body);
+        let d = h
+            .client
+            .operator(&h.op, Method::POST, &format!("/v1/operator/channel-accounts/{account}/disable"), None, Some(&nonce()))
+            .await
+            .unwrap();
+        assert_eq!(d.body["status"], "disabled", "{}", d.body);
+        // The same request again (new nonce, same Idempotency-Key and body): a replay.
+        let retry = h
+            .client
+            .signed(&c, Method::POST, "/v1/payments", Some(&body), Some(&key))
+            .await
+            .unwrap();
+        assert_eq!(
+            (retry.status, retry.replayed, retry.body["id"].clone()),
+            (200, true, first.body["id"].clone()),
+            "a replay of a succeeded payment must return it, got {} {}",
+            retry.status,
+            retry.body
+        );
+    })
+    .await;
+}

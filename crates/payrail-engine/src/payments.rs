@@ -85,15 +85,30 @@ impl Engine {
         idem: Option<IdemRef<'_>>,
         admission: Option<Admission>,
     ) -> Result<CreateOutcome, EngineError> {
+        // Checks that can refuse the request before its write. A refusal still claims the
+        // request's nonce and key first (`refuse_create`): a retry of a request that already
+        // completed gets its stored answer, not today's routing or load (review finding: a
+        // replay answered "no channel" after an account was disabled), and a refused request
+        // cannot be replayed later.
         if !app.merchant_active {
-            return Err(EngineError::MerchantFrozen);
+            return self
+                .refuse_create(admission, EngineError::MerchantFrozen)
+                .await;
         }
-        let (account_id, connector) = self
-            .route(req.method)
-            .ok_or_else(|| EngineError::NoChannel(req.method.as_str().into()))?;
+        let Some((account_id, connector)) = self.route(req.method) else {
+            return self
+                .refuse_create(
+                    admission,
+                    EngineError::NoChannel(req.method.as_str().into()),
+                )
+                .await;
+        };
         // A call slot first: if the channel is saturated, fail fast before anything is written.
         let bulkhead = account_id.map_or_else(|| connector.name().to_string(), |id| id.to_string());
-        let _permit = self.channel_permit(&bulkhead).await?;
+        let _permit = match self.channel_permit(&bulkhead).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse_create(admission, e).await,
+        };
         let now = self.now_ms();
         let status = PaymentStatus::Created
             .transition(PaymentStatus::Processing)
@@ -236,6 +251,26 @@ impl Engine {
             next_action,
             idempotency_completed,
         })))
+    }
+
+    /// Claims a refused create's nonce and key, then returns the refusal; if the admission
+    /// itself refuses (a replay, a mismatch, a key in use, a reused nonce), that is the answer.
+    async fn refuse_create(
+        &self,
+        admission: Option<Admission>,
+        err: EngineError,
+    ) -> Result<CreateOutcome, EngineError> {
+        if let Some(a) = admission {
+            let outcome = self.store.admit(&a).await?;
+            if !matches!(
+                outcome,
+                AdmissionOutcome::Admitted(None)
+                    | AdmissionOutcome::Admitted(Some(payrail_store::IdempotencyState::New))
+            ) {
+                return Ok(CreateOutcome::Refused(outcome));
+            }
+        }
+        Err(err)
     }
 
     /// A call slot of `channel`'s bulkhead, or `ChannelBusy` (counted) after the queue time.

@@ -306,7 +306,10 @@ impl Engine {
             return self.refuse(admission, err).await;
         }
         let attempt = self.succeeded_attempt(&payment).await?;
-        let connector = self.refund_connector(&payment, &attempt)?;
+        let connector = match self.refund_connector(&payment, &attempt) {
+            Ok(c) => c,
+            Err(e) => return self.refuse(admission, e).await,
+        };
         let caps = connector.capabilities();
         let now = self.now_ms();
         // The rules that do not depend on the payment's other refunds; here the amount is only
@@ -323,8 +326,12 @@ impl Engine {
         if let Err(refusal) = check_refund(&facts, &rules(&caps), amount, now) {
             return self.refuse(admission, refusal.into()).await;
         }
-        // A call slot first: if the channel is saturated, fail fast before anything is written.
-        let _permit = self.channel_permit(&Engine::bulkhead_key(&attempt)).await?;
+        // A call slot first: if the channel is saturated, fail fast before anything is written
+        // (claiming the key first, so a replay of a finished refund still gets its answer).
+        let _permit = match self.channel_permit(&Engine::bulkhead_key(&attempt)).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse(admission, e).await,
+        };
         let refund = RefundRecord {
             id: self.ids.next(),
             payment_id: payment.id,
