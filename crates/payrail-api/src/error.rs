@@ -149,6 +149,12 @@ impl From<EngineError> for ApiError {
                 "cancel_refused",
                 format!("the channel refused to cancel the payment ({reason}); it is unchanged"),
             ),
+            E::ReversedAfterSuccess => ApiError::new(
+                StatusCode::CONFLICT,
+                "channel_error",
+                "payment_reversed_after_success",
+                "the payer completed the payment while it was being cancelled, and the channel then reversed it: the money went back to the payer; do not deliver. An alert was raised for reconciliation",
+            ),
             E::NoChannel(method) => ApiError::invalid(
                 "method_not_available",
                 format!("no channel is configured for method {method}"),

@@ -2625,3 +2625,133 @@ both!(
 /// Webhooks, the delivery log and the event feed (tests/api/webhooks.rs).
 #[path = "api/webhooks.rs"]
 mod webhooks;
+
+/// A channel where the payer confirms while the merchant's cancel is in flight: queries say
+/// "processing" until the cancel arrives, "paid" from then on, and the cancel — slow — ends
+/// with the channel reversing the (by then paid) order.
+#[derive(Default)]
+struct PaidDuringCancel {
+    cancel_started: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl payrail_channels::Connector for PaidDuringCancel {
+    fn name(&self) -> &'static str {
+        "a_paid_during_cancel"
+    }
+    fn capabilities(&self) -> payrail_channels::Capabilities {
+        payrail_channels::Capabilities {
+            methods: vec![payrail_channels::MethodCapability {
+                method: payrail_domain::input::PaymentMethod::Sandbox,
+                close: true,
+                cancel: true,
+                notifies: false,
+            }],
+            refund: false,
+            partial_refund: false,
+            refund_window_days: 0,
+            max_refunds_per_payment: None,
+            cancel_window_ms: None,
+            refund_query_delay_ms: 0,
+            bills: false,
+        }
+    }
+    async fn submit(
+        &self,
+        _: &payrail_channels::SubmitRequest,
+    ) -> payrail_channels::SubmitResponse {
+        payrail_channels::SubmitResponse {
+            outcome: payrail_domain::ChannelOutcome::Processing {
+                channel_trade_no: Some("T9".into()),
+            },
+            next_action: None,
+        }
+    }
+    async fn query(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        if self
+            .cancel_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            payrail_domain::ChannelOutcome::Succeeded {
+                channel_trade_no: Some("T9".into()),
+                paid_at_ms: None,
+            }
+        } else {
+            payrail_domain::ChannelOutcome::Processing {
+                channel_trade_no: Some("T9".into()),
+            }
+        }
+    }
+    async fn close(&self, _: &payrail_channels::QueryRequest) -> payrail_domain::ChannelOutcome {
+        payrail_domain::ChannelOutcome::unknown("not used")
+    }
+    async fn cancel(&self, _: &payrail_channels::QueryRequest) -> payrail_channels::CancelOutcome {
+        self.cancel_started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        payrail_channels::CancelOutcome::Cancelled {
+            refunded: Some(true),
+        }
+    }
+}
+
+both!(
+    a_cancel_that_reverses_a_payment_paid_meanwhile_is_reported_and_alerted,
+    |b| async move {
+        let Some(h) = harness_full(
+            b,
+            test_config(),
+            false,
+            Some(Arc::new(PaidDuringCancel::default())),
+        )
+        .await
+        else {
+            return;
+        };
+        let h = Arc::new(h);
+        let (_, c) = h.merchant("Shop").await;
+        let a = h.create(&c, 1000, "race").await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        let id = a.body["id"].as_str().unwrap().to_string();
+        // The cancel is in flight when the payer's confirmation is learnt (operator re-query).
+        let cancel = {
+            let (h, c, id) = (h.clone(), c.clone(), id.clone());
+            tokio::spawn(async move {
+                h.post(
+                    &c,
+                    &format!("/v1/payments/{id}/cancel"),
+                    None,
+                    Some(&nonce()),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(h.requery(&id).await.body["status"], "succeeded");
+        let answer = cancel.await.unwrap();
+        assert_eq!(
+            (answer.status, answer.error_code()),
+            (409, Some("payment_reversed_after_success")),
+            "{}",
+            answer.body
+        );
+        let alerts: Vec<String> = h
+            .engine
+            .store
+            .list_alerts(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.kind)
+            .collect();
+        assert!(
+            alerts.contains(&"payment_reversed_after_success".to_string()),
+            "{alerts:?}"
+        );
+        // The first definite answer stands.
+        assert_eq!(
+            h.get(&c, &format!("/v1/payments/{id}")).await.body["status"],
+            "succeeded"
+        );
+    }
+);

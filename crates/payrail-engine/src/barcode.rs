@@ -114,6 +114,11 @@ impl Engine {
                 updated = self
                     .apply_outcome(updated, current, &cancel_as_outcome(&c))
                     .await?;
+                match self.check_reversed_after_success(&updated, &c).await {
+                    // Alerted; the payment is final, so the job ends below.
+                    Ok(()) | Err(EngineError::ReversedAfterSuccess) => {}
+                    Err(e) => return Err(e),
+                }
                 if updated.status.is_terminal() {
                     tracing::info!(payment_id = %updated.id, status = %updated.status, "payment-code payment ended by cancel");
                     return Ok(());
@@ -147,6 +152,31 @@ impl Engine {
             })
             .await?;
         Ok(())
+    }
+
+    /// A cancel the channel confirmed for a payment that succeeded meanwhile (the payer
+    /// confirmed while the cancel was in flight): the channel has handed the money back, so the
+    /// merchant must not deliver. The status stays `succeeded` (the first definite answer wins,
+    /// and `apply_outcome` raised `channel_conflict`); this raises the specific alert and
+    /// refuses the merchant's cancel with a code that says so.
+    async fn check_reversed_after_success(
+        &self,
+        p: &PaymentRecord,
+        c: &CancelOutcome,
+    ) -> Result<(), EngineError> {
+        if p.status != PaymentStatus::Succeeded || !matches!(c, CancelOutcome::Cancelled { .. }) {
+            return Ok(());
+        }
+        tracing::error!(payment_id = %p.id, "the channel reversed a payment that had succeeded; do not deliver");
+        self.store
+            .insert_alert_once(&AlertRecord {
+                kind: "payment_reversed_after_success".into(),
+                subject_id: p.id.to_string(),
+                detail: "the channel confirmed a cancel (reverse/revoke) of this succeeded payment: the payer was refunded by the channel; reconcile by hand".into(),
+                created_at_ms: self.now_ms(),
+            })
+            .await?;
+        Err(EngineError::ReversedAfterSuccess)
     }
 
     /// Cancel calls made so far for a job's payment: the runs past the window (each run past it
@@ -194,6 +224,17 @@ impl Engine {
         }
         let req = self.query_request(&payment, &attempt)?;
         let _permit = self.channel_permit(&Engine::bulkhead_key(&attempt)).await?;
+        // Ask first: if the payer has just paid, the answer is the payment, not a reversal of
+        // it (a cancel racing a success would hand the money back behind the cashier's back).
+        let known = self.call_query(&connector, &req).await;
+        let payment = self.apply_outcome(payment, attempt.clone(), &known).await?;
+        if payment.status.is_terminal() {
+            return match payment.status {
+                PaymentStatus::Cancelled => Ok(payment),
+                s => Err(EngineError::NotCancellable(s.to_string())),
+            };
+        }
+        let attempt = self.open_attempt(id).await?.unwrap_or(attempt);
         let mut c = self.call_cancel(&connector, &req).await;
         // Repeat at once while the channel asks to (bounded): the cashier is waiting.
         for _ in 1..3 {
@@ -206,6 +247,7 @@ impl Engine {
         let updated = self
             .apply_outcome(payment, attempt, &cancel_as_outcome(&c))
             .await?;
+        self.check_reversed_after_success(&updated, &c).await?;
         match updated.status {
             PaymentStatus::Cancelled => Ok(updated),
             s if s.is_terminal() => Err(EngineError::NotCancellable(s.to_string())),

@@ -126,6 +126,8 @@ pub enum EngineError {
     CancelNotSupported(String),
     #[error("the channel refused to cancel: {0}")]
     CancelRefused(String),
+    #[error("the channel reversed the payment after it had succeeded")]
+    ReversedAfterSuccess,
     #[error("no channel serves method {0}")]
     NoChannel(String),
     #[error("the channel did not confirm: {0}")]
