@@ -266,6 +266,21 @@ impl From<AuthError> for ApiError {
 }
 
 /// Maps a JSON decoding failure to a 400 naming the parameter.
+/// Drops a backticked input value from a serde message (`invalid type: integer `1`, …` →
+/// `invalid type: integer, …`); names of fields and variants are kept.
+fn strip_backticked_value(msg: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            if let (Some(open), Some(close)) = (rest.find(" `"), rest.find("`,")) {
+                if open < close {
+                    return format!("{prefix}{}{}", &rest[..open], &rest[close + 1..]);
+                }
+            }
+        }
+    }
+    msg.to_string()
+}
+
 pub fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = e.path().to_string();
     let inner = e.inner();
@@ -294,10 +309,36 @@ pub fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
         return ApiError::invalid("parameter_unknown", format!("unknown parameter {field}"))
             .with_param(field);
     }
+    // "invalid type: integer `123`, expected a string": the value is the caller's input, which
+    // may be a secret sent in the wrong shape (a payment code as a number, a key in `secrets`);
+    // it is not repeated back.
+    let msg = strip_backticked_value(&msg);
     let param = if path == "." { None } else { Some(path) };
     let err = ApiError::invalid("parameter_invalid", msg);
     match param {
         Some(p) => err.with_param(p),
         None => err,
+    }
+}
+
+#[cfg(test)]
+mod value_tests {
+    use super::strip_backticked_value as strip;
+
+    #[test]
+    fn input_values_are_not_echoed() {
+        assert_eq!(
+            strip("invalid type: integer `287654321098765432`, expected a string"),
+            "invalid type: integer, expected a string"
+        );
+        assert_eq!(
+            strip("invalid type: floating point `12.5`, expected an integer"),
+            "invalid type: floating point, expected an integer"
+        );
+        assert_eq!(
+            strip("invalid type: null, expected a string"),
+            "invalid type: null, expected a string"
+        );
+        assert_eq!(strip("missing field `amount`"), "missing field `amount`");
     }
 }

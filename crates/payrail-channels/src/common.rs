@@ -137,11 +137,17 @@ pub async fn read_body(resp: reqwest::Response) -> Result<Vec<u8>, String> {
     {
         return Err("response too large".into());
     }
-    let bytes = resp.bytes().await.map_err(|e| transport_reason(&e))?;
-    if bytes.len() > MAX_RESPONSE_BYTES {
-        return Err("response too large".into());
+    // Read by chunks up to the cap: an answer without a length (chunked) must not be buffered
+    // whole before its size is known.
+    let mut resp = resp;
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport_reason(&e))? {
+        if out.len().saturating_add(chunk.len()) > MAX_RESPONSE_BYTES {
+            return Err("response too large".into());
+        }
+        out.extend_from_slice(&chunk);
     }
-    Ok(bytes.to_vec())
+    Ok(out)
 }
 
 /// A short reason for a transport error, without the URL's query string.

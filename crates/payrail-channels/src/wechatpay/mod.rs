@@ -590,7 +590,12 @@ impl Connector for WechatPay {
             let amount = r.amount.as_ref();
             let currency = amount.and_then(|a| a.currency.as_deref());
             let total = tx_amount(amount.and_then(|a| a.total), currency)?;
-            let refund_amount = tx_amount(amount.and_then(|a| a.refund), currency).ok();
+            // A refund notification without its refund amount cannot be cross-checked: refuse
+            // it as malformed (the refund query still tells us the outcome).
+            let refund_amount = Some(
+                tx_amount(amount.and_then(|a| a.refund), currency)
+                    .map_err(|_| malformed("refund notification without amount.refund"))?,
+            );
             let at = r.success_time.as_deref().and_then(common::beijing_ms);
             Ok(ChannelNotification {
                 notification_id: env.id,
