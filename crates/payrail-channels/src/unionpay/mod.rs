@@ -195,18 +195,21 @@ impl Connector for UnionPay {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             methods: vec![
-                // No close: an unpaid gateway order lapses at its payTimeout. Revoke needs a
-                // successful consume (its queryId) and the same day.
+                // No close: an unpaid gateway order lapses at its payTimeout. No cancel for the
+                // engine either: revoke voids only a *successful* consume (its queryId, the
+                // same day) — an inconclusive one is refused — and its `00` only acknowledges
+                // the request. So an inconclusive payment is queried until definite, and a
+                // success is refunded, not revoked. (`Connector::cancel` still speaks revoke.)
                 MethodCapability {
                     method: PaymentMethod::UnionpayWeb,
                     close: false,
-                    cancel: true,
+                    cancel: false,
                     notifies: true,
                 },
                 MethodCapability {
                     method: PaymentMethod::UnionpayCode,
                     close: false,
-                    cancel: true,
+                    cancel: false,
                     notifies: true,
                 },
             ],
