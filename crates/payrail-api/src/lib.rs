@@ -5,6 +5,7 @@
 pub mod channels;
 pub mod error;
 mod events;
+mod ledger;
 mod merchant;
 mod middleware;
 mod operator;
@@ -37,6 +38,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .merge(channels::router())
         .merge(refunds::router())
         .merge(events::router())
+        .merge(ledger::router())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))

@@ -145,7 +145,7 @@ fn payer_details(
         (true, None) => return Err(required("client_ip", "the payer's IP address")),
         (false, None) => None,
     };
-    let needs_payer = method == PaymentMethod::WechatJsapi;
+    let needs_payer = matches!(method, PaymentMethod::WechatJsapi | PaymentMethod::Wallet);
     let payer_id = match (needs_payer, payer_id) {
         (_, Some(p))
             if p.is_empty() || p.len() > 128 || !p.bytes().all(|b| b.is_ascii_graphic()) =>
@@ -157,6 +157,9 @@ fn payer_details(
             .with_param("payer_id"))
         }
         (_, Some(p)) => Some(p),
+        (true, None) if method == PaymentMethod::Wallet => {
+            return Err(required("payer_id", "the wallet to pay from"))
+        }
         (true, None) => return Err(required("payer_id", "the payer's openid")),
         (false, None) => None,
     };

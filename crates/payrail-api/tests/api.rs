@@ -2622,6 +2622,8 @@ both!(
         assert_eq!(h.payment_json(&c, &pid).await["amount_refunded"], 1006);
     }
 );
+#[path = "api/ledger.rs"]
+mod ledger;
 /// Webhooks, the delivery log and the event feed (tests/api/webhooks.rs).
 #[path = "api/webhooks.rs"]
 mod webhooks;

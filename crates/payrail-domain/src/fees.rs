@@ -216,52 +216,69 @@ impl FeePlan {
         refunded_before: Money,
         refund: Money,
     ) -> Result<RefundQuote, FeeError> {
-        let c = original.amount.currency();
-        for m in [refunded_before, refund] {
-            if m.currency() != c {
-                return Err(FeeError::CurrencyMismatch {
-                    plan: c,
-                    amount: m.currency(),
-                });
-            }
-        }
-        let (a, before, r) = (
-            original.amount.amount_minor(),
-            refunded_before.amount_minor(),
-            refund.amount_minor(),
-        );
-        let after = before.checked_add(r).ok_or(MoneyError::Overflow)?;
-        if r <= 0 || before < 0 || after > a {
-            return Err(FeeError::RefundExceedsPayment {
-                amount_minor: a,
-                before_minor: before,
-                refund_minor: r,
+        refund_shares(
+            original,
+            self.0.fee_refund,
+            self.0.channel_cost_refund,
+            refunded_before,
+            refund,
+        )
+    }
+}
+
+/// The split of a refund of `refund` when `refunded_before` of the payment quoted by `original`
+/// was already refunded, under the given policies. [`FeePlan::refund_quote`] is this with the
+/// plan's policies; the payment path calls it with the policies snapshotted when the payment
+/// succeeded, so a plan changed since does not change how an old payment is refunded.
+pub fn refund_shares(
+    original: &FeeQuote,
+    fee_policy: FeeRefundPolicy,
+    cost_policy: FeeRefundPolicy,
+    refunded_before: Money,
+    refund: Money,
+) -> Result<RefundQuote, FeeError> {
+    let c = original.amount.currency();
+    for m in [refunded_before, refund] {
+        if m.currency() != c {
+            return Err(FeeError::CurrencyMismatch {
+                plan: c,
+                amount: m.currency(),
             });
         }
-        let share = |total: i64, policy: FeeRefundPolicy| -> Result<i64, FeeError> {
-            match policy {
-                FeeRefundPolicy::Keep => Ok(0),
-                FeeRefundPolicy::Proportional => {
-                    let upto_after = mul_div_round_half_up(total, after, a)?;
-                    let upto_before = mul_div_round_half_up(total, before, a)?;
-                    Ok(upto_after
-                        .checked_sub(upto_before)
-                        .ok_or(MoneyError::Overflow)?)
-                }
-            }
-        };
-        let fee_refund = share(original.fee.amount_minor(), self.0.fee_refund)?;
-        let cost_refund = share(
-            original.channel_cost.amount_minor(),
-            self.0.channel_cost_refund,
-        )?;
-        Ok(RefundQuote {
-            refund,
-            fee_refund: Money::new(fee_refund, c),
-            merchant_debit: Money::new(r.checked_sub(fee_refund).ok_or(MoneyError::Overflow)?, c),
-            cost_refund: Money::new(cost_refund, c),
-        })
     }
+    let (a, before, r) = (
+        original.amount.amount_minor(),
+        refunded_before.amount_minor(),
+        refund.amount_minor(),
+    );
+    let after = before.checked_add(r).ok_or(MoneyError::Overflow)?;
+    if r <= 0 || before < 0 || after > a {
+        return Err(FeeError::RefundExceedsPayment {
+            amount_minor: a,
+            before_minor: before,
+            refund_minor: r,
+        });
+    }
+    let share = |total: i64, policy: FeeRefundPolicy| -> Result<i64, FeeError> {
+        match policy {
+            FeeRefundPolicy::Keep => Ok(0),
+            FeeRefundPolicy::Proportional => {
+                let upto_after = mul_div_round_half_up(total, after, a)?;
+                let upto_before = mul_div_round_half_up(total, before, a)?;
+                Ok(upto_after
+                    .checked_sub(upto_before)
+                    .ok_or(MoneyError::Overflow)?)
+            }
+        }
+    };
+    let fee_refund = share(original.fee.amount_minor(), fee_policy)?;
+    let cost_refund = share(original.channel_cost.amount_minor(), cost_policy)?;
+    Ok(RefundQuote {
+        refund,
+        fee_refund: Money::new(fee_refund, c),
+        merchant_debit: Money::new(r.checked_sub(fee_refund).ok_or(MoneyError::Overflow)?, c),
+        cost_refund: Money::new(cost_refund, c),
+    })
 }
 
 /// Which payments a plan applies to. `None` matches anything.
@@ -338,11 +355,32 @@ impl FeeSchedule {
         method: &str,
         currency: Currency,
     ) -> Option<&FeePlan> {
+        self.select_key(merchant, channel, method, currency)
+            .map(|(_, p)| p)
+    }
+
+    /// [`FeeSchedule::select`], with the key of the plan chosen.
+    pub fn select_key(
+        &self,
+        merchant: MerchantId,
+        channel: &str,
+        method: &str,
+        currency: Currency,
+    ) -> Option<(&FeePlanKey, &FeePlan)> {
         self.plans
             .iter()
             .filter(|(k, p)| p.currency() == currency && k.matches(merchant, channel, method))
             .max_by_key(|(k, _)| k.precedence())
-            .map(|(_, p)| p)
+            .map(|(k, p)| (k, p))
+    }
+
+    /// Number of plans.
+    pub fn len(&self) -> usize {
+        self.plans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.plans.is_empty()
     }
 }
 

@@ -39,6 +39,12 @@ id_kinds! {
     /// Public key identifier an app signs with (not secret).
     Key = KeyId: "key";
     Request = RequestId: "req";
+    /// A fee plan (clearing rule) an operator configured.
+    FeePlan = FeePlanId: "fpl";
+    /// A settlement batch: one per merchant, currency and business day.
+    Settlement = SettlementId: "stl";
+    /// An operator's top-up of an end user's wallet.
+    TopUp = TopUpId: "tpu";
 }
 
 /// An identifier of entity kind `K`. Construct with [`Id::generate`] or [`Id::parse`].

@@ -296,6 +296,9 @@ pub enum PaymentMethod {
     UnionpayWeb,
     /// UnionPay QR payment code (被扫): we scan the payer's code (`auth_code`).
     UnionpayCode,
+    /// The payer's stored balance at payrail (钱包余额支付), named by `payer_id`: frozen when
+    /// the payment is created, confirmed when it succeeds, released when it fails (TCC).
+    Wallet,
 }
 
 impl PaymentMethod {
@@ -310,6 +313,7 @@ impl PaymentMethod {
         PaymentMethod::AlipayWap,
         PaymentMethod::UnionpayWeb,
         PaymentMethod::UnionpayCode,
+        PaymentMethod::Wallet,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -324,6 +328,7 @@ impl PaymentMethod {
             PaymentMethod::AlipayWap => "alipay_wap",
             PaymentMethod::UnionpayWeb => "unionpay_web",
             PaymentMethod::UnionpayCode => "unionpay_code",
+            PaymentMethod::Wallet => "wallet",
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod channel;
 pub mod civil;
+pub mod clearing;
 pub mod clock;
 pub mod fees;
 pub mod id;
@@ -25,7 +26,8 @@ pub mod webhook;
 pub use channel::ChannelOutcome;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use id::{
-    AppId, AttemptId, ChannelAccountId, EventId, Id, IdKind, JobId, MerchantId, PaymentId, RefundId,
+    AppId, AttemptId, ChannelAccountId, EventId, FeePlanId, Id, IdKind, JobId, MerchantId,
+    PaymentId, RefundId, SettlementId, TopUpId,
 };
 pub use money::{Currency, Money, MoneyError};
 pub use payment::{AttemptStatus, PaymentStatus, TransitionError};

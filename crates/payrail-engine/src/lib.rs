@@ -6,6 +6,7 @@ pub mod auth;
 pub mod barcode;
 pub mod bulkhead;
 pub mod channel_accounts;
+pub mod clearing;
 pub mod crypto;
 pub mod feed;
 pub mod ids;
@@ -14,7 +15,9 @@ pub mod metrics;
 pub mod notifications;
 pub mod payments;
 pub mod refunds;
+pub mod settlement;
 pub mod views;
+pub mod wallet;
 pub mod webhooks;
 pub mod worker;
 
@@ -155,6 +158,8 @@ pub struct Engine {
     pub config: EngineConfig,
     pub metrics: metrics::Metrics,
     pub bulkheads: bulkhead::Bulkheads,
+    /// The fee plans in force (cached); shared with the wallet connector.
+    pub fees: Arc<clearing::FeeCache>,
     accounts: std::sync::RwLock<channel_accounts::Accounts>,
     /// The real-time event feed (SSE) and the in-process "an event was written" signal.
     pub feed: feed::Feed,
@@ -165,7 +170,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         store: DynStore,
-        channels: Registry,
+        mut channels: Registry,
         clock: Arc<dyn Clock>,
         master_key: crypto::MasterKey,
         config: EngineConfig,
@@ -174,7 +179,15 @@ impl Engine {
         let bulkheads =
             bulkhead::Bulkheads::new(config.channel_concurrency_max, config.channel_queue_ms);
         let webhooks = webhooks::Webhooks::new(&config);
+        let fees = Arc::new(clearing::FeeCache::new(store.clone(), clock.clone()));
+        // The wallet method is built in: it needs the ledger, not an outside channel.
+        channels.register(Arc::new(wallet::WalletConnector::new(
+            store.clone(),
+            fees.clone(),
+            clock.clone(),
+        )));
         Engine {
+            fees,
             feed: feed::Feed::new(store.clone()),
             webhooks,
             store,

@@ -343,7 +343,10 @@ impl Engine {
         outcome: &ChannelOutcome,
         idem: Option<IdemRef<'_>>,
     ) -> Result<(PaymentRecord, bool), EngineError> {
+        // Replaced when a wallet payment's confirm is refused (its freeze was released).
+        let mut replaced: Option<ChannelOutcome> = None;
         for _ in 0..APPLY_RETRIES_MAX {
+            let outcome = replaced.as_ref().unwrap_or(outcome);
             let next = match decide(attempt.status, outcome) {
                 Decision::NoChange => return Ok((payment, false)),
                 Decision::Conflict { current, reported } => {
@@ -387,6 +390,12 @@ impl Engine {
             updated.updated_at_ms = now;
             let terminal = next.is_terminal();
             let event = terminal.then(|| self.payment_event(&updated, now));
+            // The posting set (or a wallet freeze's release) commits with the status change.
+            let ledger = if next_payment != payment.status {
+                self.transition_ledger(&updated, next_payment, now).await?
+            } else {
+                None
+            };
             let t = Transition {
                 payment_id: payment.id,
                 payment_version: payment.version,
@@ -413,8 +422,25 @@ impl Engine {
                     status: 200,
                     body: crate::views::payment_json(&updated, None).to_string(),
                 }),
+                ledger,
             };
-            if self.store.apply_transition(&t).await? {
+            let applied = match self.store.apply_transition(&t).await {
+                Err(payrail_store::StoreError::LedgerRefused { code, .. })
+                    if payment.channel == payrail_domain::clearing::WALLET_CHANNEL
+                        && next_payment == PaymentStatus::Succeeded =>
+                {
+                    // The freeze expired or was released before the confirm: the payment
+                    // cannot succeed any more. Nothing was written; apply that instead.
+                    tracing::warn!(payment_id = %payment.id, code = %code, "wallet confirm refused");
+                    replaced = Some(ChannelOutcome::Failed {
+                        code: "wallet_hold_released".into(),
+                        message: format!("the wallet freeze could not be confirmed: {code}"),
+                    });
+                    continue;
+                }
+                other => other?,
+            };
+            if applied {
                 if t.event.is_some() {
                     // Wakes this process's webhook dispatcher and event-feed pump.
                     self.feed.outbox_written();

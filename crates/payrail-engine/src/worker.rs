@@ -82,6 +82,10 @@ pub async fn run_accounts_refresher(engine: Arc<Engine>, mut shutdown: watch::Re
         if let Err(e) = engine.reload_channel_accounts().await {
             tracing::warn!(error = %e, "cannot refresh the channel accounts");
         }
+        // Fee plans changed through another process apply within this period.
+        if let Err(e) = engine.reload_fee_plans().await {
+            tracing::warn!(error = %e, "cannot refresh the fee plans");
+        }
     }
 }
 
@@ -131,5 +135,57 @@ async fn wait(shutdown: &mut watch::Receiver<bool>, ms: u64) {
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
         _ = shutdown.changed() => {}
+    }
+}
+
+/// How often buffered (hot) account changes are applied and expired holds released.
+pub const LEDGER_MAINTENANCE_MS: u64 = 1_000;
+
+/// Ledger housekeeping: applies the buffered changes of hot accounts (platform fee, channel
+/// clearing and cost; PostgreSQL only — SQLite applies them in the writing batch) so their rows
+/// stay exact and the delta table small, and releases wallet freezes whose timeout passed.
+/// Any number of processes may run it (flushes serialise on an advisory lock; each hold is
+/// released once, under its row lock).
+pub async fn run_ledger_maintenance(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        let now = engine.now_ms();
+        if let Err(e) = engine
+            .store
+            .flush_buffered(now, payrail_store::ledger::FLUSH_BATCH_MAX)
+            .await
+        {
+            tracing::warn!(error = %e, "ledger: flush of buffered accounts failed");
+        }
+        match engine
+            .store
+            .expire_holds(now, payrail_store::ledger::EXPIRE_BATCH_MAX)
+            .await
+        {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(holds = ids.len(), "ledger: expired holds released")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ledger: expiry sweep failed"),
+        }
+        wait(&mut shutdown, LEDGER_MAINTENANCE_MS).await;
+    }
+}
+
+/// Runs the settlement of every due business day every `SETTLE_PERIOD_MS` (batches are unique
+/// per merchant, currency and day, so several processes running it create each one once).
+pub async fn run_settlement_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        match engine.run_settlement(None).await {
+            Ok(r) if !r.created.is_empty() || r.failed > 0 => {
+                tracing::info!(
+                    created = r.created.len(),
+                    failed = r.failed,
+                    "settlement run"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "settlement run failed"),
+        }
+        wait(&mut shutdown, crate::settlement::SETTLE_PERIOD_MS).await;
     }
 }

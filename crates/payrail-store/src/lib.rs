@@ -10,6 +10,7 @@
 //! status is guarded by the row's version (optimistic lock) and writes its outbox event in the
 //! same transaction.
 
+pub mod clearing;
 mod common;
 pub mod ledger;
 pub mod postgres;
@@ -20,6 +21,7 @@ pub mod sqlite;
 pub mod sqlite_ledger;
 pub mod webhooks;
 
+pub use clearing::*;
 pub use records::*;
 pub use webhooks::*;
 
@@ -37,13 +39,21 @@ pub enum StoreError {
     Closed,
     #[error("configuration error: {0}")]
     Config(String),
+    /// The ledger refused an entry a status change must post (`code` is `Reject::code`);
+    /// nothing of the change was written.
+    #[error("the ledger refused entry {entry}: {code}")]
+    LedgerRefused { entry: String, code: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Every store also implements [`WebhookStore`] (webhook deliveries, the event feed).
+/// Every store also implements [`WebhookStore`] (webhook deliveries, the event feed),
+/// [`ledger::LedgerStore`] (the double-entry ledger) and [`ClearingStore`] (fee plans,
+/// settlement, ledger reads).
 #[async_trait]
-pub trait Store: WebhookStore + Send + Sync + 'static {
+pub trait Store:
+    WebhookStore + ledger::LedgerStore + ClearingStore + Send + Sync + 'static
+{
     /// Which backend this is (`sqlite` or `postgres`), for logs and benchmarks.
     fn backend(&self) -> &'static str;
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{NoTls, Row};
 
+mod clearing;
 mod refunds;
 mod webhooks;
 
@@ -85,6 +86,7 @@ impl PgStore {
             StoreError::Corrupt(m) => StoreError::Corrupt(scrub(m)),
             StoreError::Config(m) => StoreError::Config(scrub(m)),
             StoreError::Closed => StoreError::Closed,
+            other @ StoreError::LedgerRefused { .. } => other,
         })?;
         Ok(store)
     }
@@ -955,6 +957,12 @@ impl Store for PgStore {
         }
         if let Some(e) = &t.event {
             insert_event(&tx, e).await?;
+        }
+        // Last: it plans the rest of the transaction per execution, and its row locks (the
+        // merchant's pending balance) are held for the shortest time. An error drops `tx`,
+        // which rolls the whole change back.
+        if let Some(l) = &t.ledger {
+            clearing::transition_ledger_in(&tx, l, t.now_ms).await?;
         }
         tx.commit().await.map_err(pg_err)?;
         Ok(true)

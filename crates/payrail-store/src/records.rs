@@ -306,6 +306,9 @@ pub struct Transition {
     /// The idempotent response of the request that caused this change, saved in the same
     /// transaction (one commit fewer on the payment path).
     pub idempotency: Option<IdempotencyCompletion>,
+    /// What the change posts to the ledger (a success: the payment's posting set and clearing
+    /// row; a wallet payment's end: the release of its freeze), in the same transaction.
+    pub ledger: Option<crate::clearing::TransitionLedger>,
 }
 
 /// The final response of an idempotent request.

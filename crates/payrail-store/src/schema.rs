@@ -280,7 +280,127 @@ CREATE TABLE webhook_attempts (
         name: "ledger",
         sql: LEDGER_SQL,
     },
+    Migration {
+        version: 7,
+        name: "clearing and settlement",
+        sql: CLEARING_SQL,
+    },
 ];
+
+/// Fee plans, settlement cycles, the clearing rows of payments and refunds, settlement batches
+/// (docs/ledger.md). Changes no table of another migration (it adds one PostgreSQL index on
+/// ledger postings), so it can be renumbered when migrations from other branches land.
+const CLEARING_SQL: &str = r#"
+-- Clearing rules per merchant x channel x method x currency; '' in a key part matches anything.
+-- The most specific plan wins (merchant, then channel, then method).
+CREATE TABLE fee_plans (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    method TEXT NOT NULL,
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    rate_bps BIGINT NOT NULL CHECK (rate_bps >= 0 AND rate_bps <= 10000),
+    fixed_minor BIGINT NOT NULL CHECK (fixed_minor >= 0),
+    min_minor BIGINT NOT NULL CHECK (min_minor >= 0),
+    max_minor BIGINT CHECK (max_minor IS NULL OR max_minor >= min_minor),
+    channel_cost_bps BIGINT NOT NULL CHECK (channel_cost_bps >= 0 AND channel_cost_bps <= 10000),
+    channel_cost_fixed_minor BIGINT NOT NULL CHECK (channel_cost_fixed_minor >= 0),
+    fee_refund TEXT NOT NULL CHECK (fee_refund IN ('keep', 'proportional')),
+    channel_cost_refund TEXT NOT NULL CHECK (channel_cost_refund IN ('keep', 'proportional')),
+    version BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    UNIQUE (merchant_id, channel, method, currency)
+);
+-- T+N with a day cut-off at a local time and a fixed UTC offset; merchant_id '' = the default.
+CREATE TABLE settlement_cycles (
+    merchant_id TEXT PRIMARY KEY,
+    t_plus_days BIGINT NOT NULL CHECK (t_plus_days >= 0 AND t_plus_days <= 30),
+    cutoff TEXT NOT NULL,
+    utc_offset_minutes BIGINT NOT NULL CHECK (utc_offset_minutes >= -720 AND utc_offset_minutes <= 840),
+    updated_at_ms BIGINT NOT NULL
+);
+-- One row per succeeded payment, inserted with its status change and its ledger entry (WITHOUT
+-- ROWID on SQLite: one B-tree keyed by the payment, not a table plus a key index): the fee
+-- fixed at that moment, and the residual (what of it the merchant still holds: net minus its
+-- refunds' merchant shares). Unsettled, the residual is in merchant_pending; a settlement batch
+-- marks the row and moves the residual to merchant_available.
+CREATE TABLE payment_clearing (
+    payment_id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    channel TEXT NOT NULL,
+    method TEXT NOT NULL,
+    wallet_id TEXT,
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+    fee_minor BIGINT NOT NULL CHECK (fee_minor >= 0 AND fee_minor <= amount_minor),
+    channel_cost_minor BIGINT NOT NULL CHECK (channel_cost_minor >= 0 AND channel_cost_minor <= amount_minor),
+    fee_plan_id TEXT,
+    fee_refund TEXT NOT NULL CHECK (fee_refund IN ('keep', 'proportional')),
+    channel_cost_refund TEXT NOT NULL CHECK (channel_cost_refund IN ('keep', 'proportional')),
+    entry_id TEXT NOT NULL,
+    cleared_at_ms BIGINT NOT NULL,
+    refunded_minor BIGINT NOT NULL CHECK (refunded_minor >= 0 AND refunded_minor <= amount_minor),
+    residual_minor BIGINT NOT NULL CHECK (residual_minor >= 0 AND residual_minor <= amount_minor - fee_minor),
+    settlement_id TEXT
+){without_rowid};
+CREATE INDEX payment_clearing_unsettled ON payment_clearing (merchant_id, currency, cleared_at_ms)
+    WHERE settlement_id IS NULL;
+CREATE INDEX payment_clearing_by_settlement ON payment_clearing (settlement_id, cleared_at_ms)
+    WHERE settlement_id IS NOT NULL;
+-- One row per succeeded refund, inserted with its status change and its ledger entry: where its
+-- merchant share came from (pending, available, suspense).
+CREATE TABLE refund_clearing (
+    refund_id TEXT PRIMARY KEY,
+    payment_id TEXT NOT NULL,
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+    fee_refund_minor BIGINT NOT NULL CHECK (fee_refund_minor >= 0),
+    cost_refund_minor BIGINT NOT NULL CHECK (cost_refund_minor >= 0),
+    from_pending_minor BIGINT NOT NULL CHECK (from_pending_minor >= 0),
+    from_available_minor BIGINT NOT NULL CHECK (from_available_minor >= 0),
+    from_suspense_minor BIGINT NOT NULL CHECK (from_suspense_minor >= 0),
+    entry_id TEXT NOT NULL,
+    cleared_at_ms BIGINT NOT NULL,
+    settlement_id TEXT,
+    CHECK (from_pending_minor + from_available_minor + from_suspense_minor + fee_refund_minor = amount_minor)
+){without_rowid};
+CREATE INDEX refund_clearing_by_payment ON refund_clearing (payment_id);
+-- Settlement batches: one per merchant, currency and business day, whatever runs them.
+CREATE TABLE settlements (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    business_day TEXT NOT NULL,
+    t_plus_days BIGINT NOT NULL,
+    cutoff TEXT NOT NULL,
+    utc_offset_minutes BIGINT NOT NULL,
+    window_start_ms BIGINT NOT NULL,
+    window_end_ms BIGINT NOT NULL,
+    due_at_ms BIGINT NOT NULL,
+    payment_count BIGINT NOT NULL,
+    refund_count BIGINT NOT NULL,
+    gross_minor BIGINT NOT NULL,
+    fee_minor BIGINT NOT NULL,
+    refunded_minor BIGINT NOT NULL,
+    fee_refunded_minor BIGINT NOT NULL,
+    net_minor BIGINT NOT NULL CHECK (net_minor >= 0),
+    entry_id TEXT,
+    created_at_ms BIGINT NOT NULL,
+    UNIQUE (merchant_id, currency, business_day)
+);
+CREATE INDEX settlements_by_merchant ON settlements (merchant_id, id);
+{merchant_postings_index}
+"#;
+
+/// PostgreSQL keeps no per-posting history for a buffered account, and a merchant's pending
+/// balance is buffered (hot), so its postings are found through this index instead. Only the
+/// merchant accounts are indexed (a range on the id; the ledger's own benchmark accounts are
+/// not), and SQLite needs none: it writes every account's history chain.
+const PG_MERCHANT_POSTINGS_INDEX: &str = "CREATE INDEX ledger_postings_by_merchant \
+     ON ledger_postings (account_id, entry_seq, leg) \
+     WHERE account_id >= 'merchant' AND account_id < 'merchanu';";
 
 /// The double-entry ledger (docs/ledger.md). Self-contained: it touches no table of another
 /// migration, so it can be renumbered when migrations from other branches land.
@@ -391,7 +511,14 @@ pub const PG_SERIAL: &str = "BIGSERIAL PRIMARY KEY";
 
 /// A migration's SQL for SQLite or (`postgres = true`) PostgreSQL.
 pub fn render(sql: &str, postgres: bool) -> String {
-    let sql = render_ledger(sql, postgres);
+    let sql = render_ledger(sql, postgres).replace(
+        "{merchant_postings_index}",
+        if postgres {
+            PG_MERCHANT_POSTINGS_INDEX
+        } else {
+            ""
+        },
+    );
     if postgres {
         // Outbox positions: null until numbered after commit, unique once numbered.
         sql.replace("{outbox_seq}", "BIGINT UNIQUE")

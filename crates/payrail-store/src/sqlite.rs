@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
+mod clearing;
 mod refunds;
 mod webhooks;
 
@@ -1013,6 +1014,11 @@ impl Store for SqliteStore {
                     // request that took the key over.
                     tracing::warn!(key = %done.key, "idempotency claim was taken over; response not saved");
                 }
+            }
+            // The posting set commits with the status change or not at all: an error here
+            // rolls the whole change back.
+            if let Some(l) = &t.ledger {
+                clearing::transition_ledger_in(c, l, t.now_ms)?;
             }
             Ok((true, true))
         })

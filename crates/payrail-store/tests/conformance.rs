@@ -178,6 +178,7 @@ fn succeed(p: &PaymentRecord, a: &AttemptRecord, t: i64) -> Transition {
             subject_id: p.id.to_string(),
         }),
         idempotency: None,
+        ledger: None,
     }
 }
 

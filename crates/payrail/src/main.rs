@@ -10,6 +10,7 @@ mod demo;
 mod emulate;
 mod requery;
 mod serve;
+mod settle;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -77,6 +78,14 @@ enum Command {
     },
     /// Run a channel emulator (wechatpay, alipay or unionpay) on loopback for demos and tests.
     Emulate(emulate::EmulateArgs),
+    /// Settle every due business day (or those up to --date): one batch per merchant, currency
+    /// and day, posted pending -> available; re-running creates nothing new.
+    Settle {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        args: settle::SettleArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,6 +111,7 @@ fn main() -> ExitCode {
             },
             Command::Emulate(a) => emulate::run(a).await,
             Command::Requery { server, args } => requery::run(server.overrides(), args).await,
+            Command::Settle { server, args } => settle::run(server.overrides(), args).await,
         }
     });
     match result {

@@ -121,6 +121,10 @@ pub async fn build_engine(config: &Config) -> Result<Arc<Engine>> {
         .await
         .context("cannot load the channel accounts")?;
     tracing::info!(accounts, "channel accounts loaded");
+    engine
+        .reload_fee_plans()
+        .await
+        .context("cannot load the fee plans")?;
     Ok(engine)
 }
 
@@ -254,6 +258,14 @@ pub async fn run_server(
             shutdown_rx.clone(),
         ));
         tasks.spawn(payrail_engine::webhooks::run_webhook_sender(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(payrail_engine::worker::run_ledger_maintenance(
+            engine.clone(),
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(payrail_engine::worker::run_settlement_worker(
             engine.clone(),
             shutdown_rx.clone(),
         ));

@@ -214,6 +214,124 @@ async fn acknowledged_payments_survive_sigkill_and_sync_resumes() {
             "{id}"
         );
     }
-    drop(server);
+    ledger_after_the_crash(&dir, server, &creds).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn op_call(client: &PayrailClient, method: Method, path: &str, body: Option<Value>) -> Value {
+    let key = (method == Method::POST).then(nonce);
+    let a = client
+        .operator(OPERATOR_TOKEN, method, path, body.as_ref(), key.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{path}: {}", a.body);
+    a.body
+}
+
+fn payrail_cli(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_payrail"))
+        .args(args)
+        .env("PAYRAIL_DATA_DIR", dir)
+        .env("PAYRAIL_LOG", "warn")
+        .env_remove("PAYRAIL_DATABASE_URL")
+        .env_remove("PAYRAIL_MASTER_KEY")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// After the kill and the restart: every succeeded payment has exactly one posting set (none
+/// lost with a crash between status change and posting, none doubled by a retry), the books
+/// balance, and `payrail settle` settles the day once.
+async fn ledger_after_the_crash(dir: &Path, server: Server, creds: &Credentials) {
+    let client = PayrailClient::new(&server.url);
+    let payments = client.list_all_payments(creds, 1000).await.unwrap();
+    let merchant = payments[0]["merchant_id"].as_str().unwrap().to_string();
+    let total: i64 = payments.iter().map(|p| p["amount"].as_i64().unwrap()).sum();
+    let mut captured = std::collections::HashSet::new();
+    let mut after: Option<i64> = None;
+    for _ in 0..100_000 {
+        let path = match after {
+            Some(seq) => format!("/v1/operator/ledger/entries?limit=100&starting_after={seq}"),
+            None => "/v1/operator/ledger/entries?limit=100".to_string(),
+        };
+        let page = op_call(&client, Method::GET, &path, None).await;
+        for e in page["data"].as_array().unwrap() {
+            if e["type"] == "payment_captured" {
+                assert!(
+                    captured.insert(e["reference"].as_str().unwrap().to_string()),
+                    "{e}"
+                );
+            }
+            after = e["seq"].as_i64();
+        }
+        if page["has_more"] == false {
+            break;
+        }
+    }
+    assert_eq!(
+        captured.len(),
+        payments.len(),
+        "one posting set per succeeded payment"
+    );
+    let trial = op_call(
+        &client,
+        Method::GET,
+        "/v1/operator/ledger/trial-balance",
+        None,
+    )
+    .await;
+    assert_eq!(trial["balanced"], true, "{trial}");
+    let balance = client
+        .signed(creds, Method::GET, "/v1/balance", None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        balance.body["pending"][0]["amount"], total,
+        "{}",
+        balance.body
+    );
+
+    // Settle today's payments with `payrail settle`: T+0 with a cut-off two seconds from now
+    // (Beijing time), then the day is due.
+    let cutoff_ms = payrail_client::unix_now() * 1000 + 2_500;
+    let local = payrail_domain::civil::DateTime::from_unix_ms(cutoff_ms, 480).unwrap();
+    op_call(
+        &client,
+        Method::POST,
+        "/v1/operator/settlement-cycles",
+        Some(json!({"merchant_id": merchant, "t_plus_days": 0, "cutoff": local.time.to_string(), "utc_offset": "+08:00"})),
+    )
+    .await;
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let (code, stdout, stderr) = payrail_cli(dir, &["settle"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("settled 1 batch(es)"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{} payment(s)", payments.len())),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = payrail_cli(dir, &["settle"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("settled 0 batch(es)"), "{stdout}");
+    let (code, _, stderr) = payrail_cli(dir, &["settle", "--date", "yesterday"]);
+    assert_eq!(code, 2, "{stderr}");
+    let server = start(dir);
+    let client = PayrailClient::new(&server.url);
+    let balance = client
+        .signed(creds, Method::GET, "/v1/balance", None, None)
+        .await
+        .unwrap();
+    assert_eq!(balance.body["pending"][0]["amount"], 0, "{}", balance.body);
+    assert_eq!(
+        balance.body["available"][0]["amount"], total,
+        "{}",
+        balance.body
+    );
+    drop(server);
 }

@@ -1375,6 +1375,7 @@ both!(
                 event: Some(e.clone()),
                 job: None,
                 idempotency: None,
+                ledger: None,
             };
             assert!(h.engine.store.apply_transition(&t).await.unwrap());
         }

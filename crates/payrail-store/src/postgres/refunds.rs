@@ -191,6 +191,11 @@ pub(super) async fn apply_refund_transition(store: &PgStore, t: &RefundTransitio
             )));
         }
     }
+    if t.status == RefundStatus::Succeeded {
+        // The refund's posting set, from the payment's clearing row locked in this transaction.
+        super::clearing::clear_refund_in(&tx, t.refund_id, &payment_id, amount_minor, t.now_ms)
+            .await?;
+    }
     if let Some(j) = &t.job {
         apply_job_update(&tx, j).await?;
     }

@@ -200,6 +200,10 @@ fn transition_in(c: &Connection, t: &RefundTransition) -> Result<bool> {
             )));
         }
     }
+    if t.status == RefundStatus::Succeeded {
+        // The refund's posting set, computed from the payment's clearing row as of this write.
+        super::clearing::clear_refund_in(c, t.refund_id, &payment_id, amount_minor, t.now_ms)?;
+    }
     if let Some(e) = &t.event {
         insert_event(c, e)?;
     }
