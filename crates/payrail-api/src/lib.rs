@@ -55,7 +55,11 @@ async fn healthz() -> impl IntoResponse {
 
 /// Ready when the database answers.
 async fn readyz(State(engine): State<AppState>) -> Response {
-    match engine.store.get_setting("operator_token_sha256").await {
+    let check = async {
+        engine.store.get_setting("operator_token_sha256").await?;
+        engine.store.check_writable().await
+    };
+    match check.await {
         Ok(_) => {
             axum::Json(serde_json::json!({"status": "ready", "database": engine.store.backend()}))
                 .into_response()

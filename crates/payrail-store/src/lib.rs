@@ -57,6 +57,10 @@ pub trait Store:
     /// Which backend this is (`sqlite` or `postgres`), for logs and benchmarks.
     fn backend(&self) -> &'static str;
 
+    /// Whether a write would be accepted and made durable now (readiness). SQLite: the writer
+    /// runs and no disk sync has failed; PostgreSQL: a connection answers.
+    async fn check_writable(&self) -> Result<()>;
+
     // --- settings -------------------------------------------------------------------------
     async fn get_setting(&self, name: &str) -> Result<Option<String>>;
     /// Stores `value` under `name` unless a value is there already; returns the value in force.

@@ -457,6 +457,12 @@ impl Store for PgStore {
         "postgres"
     }
 
+    async fn check_writable(&self) -> Result<()> {
+        let c = self.client().await?;
+        c.simple_query("SELECT 1").await.map_err(pg_err)?;
+        Ok(())
+    }
+
     async fn get_setting(&self, name: &str) -> Result<Option<String>> {
         let c = self.client().await?;
         query_opt(&c, "SELECT value FROM settings WHERE name = $1", &[&name])

@@ -1,10 +1,13 @@
 //! The embedded SQLite store.
 //!
-//! Durability: WAL with `synchronous=FULL`, so a commit is on disk before its caller hears back.
+//! Durability: WAL, and no write is answered before its commit is on disk (`fdatasync` of the
+//! WAL by the syncer thread, see `sqlite/writer.rs`); an acknowledged write survives power
+//! loss. Reader connections use `synchronous=FULL` (they never write).
 //! Throughput: all writes go to one writer thread, which runs every write waiting in its queue
 //! inside one transaction (each in its own savepoint, so one failing write does not undo the
-//! others) and answers them only after the single COMMIT — group commit. Under load a batch
-//! forms while the previous commit's fsync runs, so no artificial delay is needed.
+//! others) — group commit — and hands the committed batch to the syncer, so the fsync of one
+//! batch overlaps the execution of the next. Under load a batch forms while the previous one
+//! commits, so no artificial delay is needed.
 //! Reads run on a small pool of read-only connections; WAL lets them proceed during writes.
 
 use crate::common::*;
@@ -19,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 mod clearing;
 mod refunds;
 mod webhooks;
+mod writer;
 
 /// Most writes one transaction takes; bounds commit latency under overload.
 const WRITE_BATCH_MAX: usize = 512;
@@ -28,13 +32,11 @@ const WRITE_QUEUE_MAX: usize = 8192;
 const READERS_MAX: usize = 8;
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
-/// Gets the writer's connection inside the batch transaction, or the reason there is none (the
-/// batch could not begin): then the job must not touch the database.
-type WriteJob = Box<dyn FnOnce(Result<&Connection, &str>) -> Reply + Send>;
+use writer::{WriteJob, WriterMsg};
 
 pub struct SqliteStore {
-    writer: mpsc::Sender<WriteJob>,
+    writer: mpsc::Sender<WriterMsg>,
+    health: Arc<writer::Health>,
     readers: Arc<Readers>,
 }
 
@@ -128,17 +130,11 @@ impl SqliteStore {
             )));
         }
         migrate(&conn)?;
-        // Checkpoints stay SQLite's own (every 1,000 WAL pages, inside the writer's commit).
-        // A background PASSIVE checkpointer was measured and rejected: it never catches a busy
-        // writer, so the WAL must still be restarted from the writer, and those restarts
-        // doubled p99 latency for no throughput gain (docs/BENCHMARKS.md).
-        let (tx, rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE_MAX);
-        std::thread::Builder::new()
-            .name("payrail-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
-            .map_err(|e| StoreError::Config(format!("cannot start writer thread: {e}")))?;
+        // The writer, its syncer and their checkpoints: `sqlite/writer.rs`.
+        let (tx, health) = writer::start(conn, path)?;
         Ok(SqliteStore {
             writer: tx,
+            health,
             readers: Arc::new(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
@@ -176,10 +172,18 @@ impl SqliteStore {
             })
         });
         self.writer
-            .send(job)
+            .send(WriterMsg::Job(job))
             .await
             .map_err(|_| StoreError::Closed)?;
         orx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Returns once every write committed before the call, by any connection of this
+    /// process, is on disk. Reads whose results leave the process (outbox events) call this
+    /// first, because a reader may see a commit up to one fsync before it is durable
+    /// (see `writer.rs`).
+    pub(crate) async fn durable(&self) -> Result<()> {
+        self.write(|_| Ok(())).await
     }
 
     pub(crate) async fn read<R: Send + 'static>(
@@ -251,49 +255,6 @@ fn run_in_savepoint<R>(
             let _ = exec("ROLLBACK TO op");
             let _ = exec("RELEASE op");
             Err(e)
-        }
-    }
-}
-
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriteJob>) {
-    let mut replies: Vec<Reply> = Vec::with_capacity(WRITE_BATCH_MAX);
-    while let Some(first) = rx.blocking_recv() {
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            tracing::error!(error = %msg, "sqlite: cannot begin transaction");
-            // Outside a transaction the job's SAVEPOINT would autocommit its writes while we
-            // report failure, so the job only gets the error.
-            first(Err(&msg))(Err(msg.clone()));
-            continue;
-        }
-        replies.push(first(Ok(&conn)));
-        // SQLite aborts the whole transaction on some errors (disk full, I/O error). Then the
-        // batch is gone, and a later job's SAVEPOINT/RELEASE would commit on its own while its
-        // caller is told it failed. So stop at once, and fail the whole batch.
-        let mut aborted = conn.is_autocommit();
-        while !aborted && replies.len() < WRITE_BATCH_MAX {
-            match rx.try_recv() {
-                Ok(job) => {
-                    replies.push(job(Ok(&conn)));
-                    aborted = conn.is_autocommit();
-                }
-                Err(_) => break,
-            }
-        }
-        let commit = if aborted {
-            Err(
-                "the transaction was aborted by SQLite; nothing in this batch was saved"
-                    .to_string(),
-            )
-        } else {
-            conn.execute_batch("COMMIT").map_err(|e| e.to_string())
-        };
-        if let Err(e) = &commit {
-            tracing::error!(error = %e, batch = replies.len(), "sqlite: commit failed");
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for reply in replies.drain(..) {
-            reply(commit.clone());
         }
     }
 }
@@ -565,6 +526,14 @@ fn apply_job_update(c: &Connection, u: &JobUpdate) -> Result<()> {
 impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn check_writable(&self) -> Result<()> {
+        if self.health.failed() {
+            return Err(StoreError::Database(writer::STORE_FAILED.to_string()));
+        }
+        // Through the writer and the syncer, like any write.
+        self.durable().await
     }
 
     async fn get_setting(&self, name: &str) -> Result<Option<String>> {
@@ -1121,6 +1090,8 @@ impl Store for SqliteStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<EventRecord>> {
+        // Events leave the process from here (the feed, the events API): durable ones only.
+        self.durable().await?;
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
@@ -1298,5 +1269,159 @@ mod tests {
             assert_eq!(answer, stored, "{name}: told ok={answer}, stored={stored}");
         }
         assert!(put("later").await.is_ok(), "the writer keeps working");
+    }
+
+    fn insert_setting(name: String) -> impl FnOnce(&Connection) -> Result<()> + Send + 'static {
+        move |c| {
+            c.execute(
+                "INSERT INTO settings (name, value) VALUES (?1, 'v')",
+                [name],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        }
+    }
+
+    /// The syncer, not COMMIT, makes writes durable: a write must not be answered before a WAL
+    /// sync that followed its execution (writes in sequence, so no other sync is in flight).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_is_answered_only_after_a_wal_sync_that_followed_it() {
+        let store = Arc::new(temp_store());
+        for i in 0..50 {
+            let health = store.health.clone();
+            let name = format!("k{i}");
+            let at_exec = store
+                .write(move |c| {
+                    insert_setting(name)(c)?;
+                    Ok(health.syncs.load(std::sync::atomic::Ordering::Acquire))
+                })
+                .await
+                .unwrap();
+            let now = store
+                .health
+                .syncs
+                .load(std::sync::atomic::Ordering::Acquire);
+            assert!(
+                now > at_exec,
+                "write {i} answered before its sync ({at_exec} -> {now})"
+            );
+        }
+        // Durability barriers with nothing new to sync do not call fdatasync.
+        let before = store
+            .health
+            .syncs
+            .load(std::sync::atomic::Ordering::Acquire);
+        for _ in 0..5 {
+            store.durable().await.unwrap();
+        }
+        assert_eq!(
+            store
+                .health
+                .syncs
+                .load(std::sync::atomic::Ordering::Acquire),
+            before
+        );
+    }
+
+    /// fsyncgate: after a failed sync nothing can be trusted to be on disk, so the write is
+    /// reported failed and every later write is refused; reads go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_fails_its_writes_and_refuses_later_ones() {
+        let store = Arc::new(temp_store());
+        store.write(insert_setting("before".into())).await.unwrap();
+        store.check_writable().await.unwrap();
+        store
+            .health
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::Release);
+        let err = store
+            .write(insert_setting("failed".into()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("could not be synced"), "{err}");
+        let err = store
+            .write(insert_setting("later".into()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("restart"), "{err}");
+        assert!(store.get_setting("later").await.unwrap().is_none());
+        assert_eq!(
+            store.get_setting("before").await.unwrap().as_deref(),
+            Some("v")
+        );
+    }
+
+    /// Checkpoints run on the syncer while the writer keeps writing; the WAL must still start
+    /// over (the writer holds once per `WAL_RESTART_FRAMES`) instead of growing without bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_continuous_writes() {
+        let store = Arc::new(temp_store());
+        store
+            .write(|c| {
+                c.execute_batch("CREATE TABLE scratch (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+                    .map_err(db_err)
+            })
+            .await
+            .unwrap();
+        let wal = {
+            let dir = store.readers.path.clone();
+            let mut p = dir.into_os_string();
+            p.push("-wal");
+            std::path::PathBuf::from(p)
+        };
+        // ~120 MiB through the WAL in rows of 8 KiB (each at least two pages), from 8 writers
+        // that never pause; bounded by a row count and a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            let wal = wal.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut max_wal = 0u64;
+                for _ in 0..1_900 {
+                    if std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    store
+                        .write(|c| {
+                            c.execute("INSERT INTO scratch (v) VALUES (zeroblob(8192))", [])
+                                .map_err(db_err)?;
+                            Ok(())
+                        })
+                        .await
+                        .unwrap();
+                    max_wal = max_wal.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+                }
+                max_wal
+            }));
+        }
+        let mut max_wal = 0;
+        for t in tasks {
+            max_wal = max_wal.max(t.await.unwrap());
+        }
+        let rows: i64 = store
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM scratch", [], |r| r.get(0))
+                    .map_err(db_err)
+            })
+            .await
+            .unwrap();
+        let holds = store
+            .health
+            .holds
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            rows > 10_000,
+            "only {rows} rows written before the deadline"
+        );
+        assert!(
+            holds >= 2,
+            "the WAL was never restarted ({holds} holds, {rows} rows)"
+        );
+        // 4,096 frames of 4 KiB plus one batch (<= 512 writes of 3 pages) and headers.
+        assert!(
+            max_wal < 24 * 1024 * 1024,
+            "WAL grew to {max_wal} bytes with {rows} rows written"
+        );
     }
 }

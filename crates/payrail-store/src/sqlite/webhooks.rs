@@ -77,6 +77,8 @@ fn schedule_job(c: &Connection, event_id: &str, run_at_ms: i64, earlier_only: bo
 #[async_trait]
 impl WebhookStore for SqliteStore {
     async fn list_outbox(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
+        // Events leave the process from here (webhooks, the feed): durable ones only.
+        self.durable().await?;
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
@@ -92,6 +94,8 @@ impl WebhookStore for SqliteStore {
     }
 
     async fn outbox_head(&self) -> Result<i64> {
+        // A position handed out must not be reused by another event after a crash.
+        self.durable().await?;
         self.read(|c| {
             c.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))
                 .map_err(db_err)
@@ -106,6 +110,7 @@ impl WebhookStore for SqliteStore {
     ) -> Result<Option<EventRecord>> {
         let id = id.to_string();
         let merchant = merchant_id.map(|m| m.to_string());
+        self.durable().await?;
         self.read(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {EVENT_COLS} FROM outbox WHERE id = ?1 AND (?2 IS NULL OR merchant_id = ?2)"
@@ -122,6 +127,7 @@ impl WebhookStore for SqliteStore {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<EventRecord>> {
+        self.durable().await?;
         self.read(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
