@@ -431,15 +431,15 @@ where
         let (status, text, stored, already_stored) = match f(engine.clone(), claim).await {
             Ok(Answer::Refused(outcome)) => return Err(outcome),
             Ok(Answer::Reply(reply)) => {
-                let text = reply.body.to_string();
+                let text = payrail_engine::views::json_text(&reply.body);
                 let stored = reply
                     .stored_body
-                    .map(|b| b.to_string())
+                    .map(|b| payrail_engine::views::json_text(&b))
                     .unwrap_or_else(|| text.clone());
                 (reply.status, text, stored, reply.already_stored)
             }
             Err(e) => {
-                let text = e.body().to_string();
+                let text = payrail_engine::views::json_text(&e.body());
                 (e.status, text.clone(), text, false)
             }
         };

@@ -420,7 +420,7 @@ impl Engine {
                     key: i.key.to_string(),
                     token: i.token.to_string(),
                     status: 200,
-                    body: crate::views::payment_json(&updated, None).to_string(),
+                    body: crate::views::json_text(&crate::views::payment_json(&updated, None)),
                 }),
                 ledger,
             };
@@ -492,7 +492,7 @@ impl Engine {
             merchant_id: p.merchant_id,
             event_type,
             object_id: p.id.to_string(),
-            payload: payload.to_string(),
+            payload: crate::views::json_text(&payload),
             created_at_ms: now_ms,
         }
     }

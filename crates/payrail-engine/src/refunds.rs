@@ -580,7 +580,7 @@ impl Engine {
             merchant_id: r.merchant_id,
             event_type,
             object_id: r.id.to_string(),
-            payload: payload.to_string(),
+            payload: crate::views::json_text(&payload),
             created_at_ms: now_ms,
         }
     }

@@ -10,6 +10,14 @@ fn secs(ms: i64) -> i64 {
     ms.div_euclid(1000)
 }
 
+/// A JSON value as text. `serde_json::to_string` writes into a byte buffer directly; a `Value`'s
+/// `Display` (`.to_string()`) goes through `fmt::Write` token by token, measurably slower on
+/// the payment path (docs/BENCHMARKS.md).
+pub fn json_text(v: &Value) -> String {
+    // Serializing a `Value` cannot fail: its keys are strings.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
 pub fn payment_json(p: &PaymentRecord, next_action: Option<&NextAction>) -> Value {
     let metadata: Value =
         serde_json::from_str(&p.metadata).unwrap_or_else(|_| Value::Object(Map::new()));
