@@ -68,6 +68,8 @@ pub struct EngineConfig {
     /// Deliver webhooks to loopback, private and other special addresses. Off in production
     /// (SSRF guard); on for local development and the tests' loopback receivers.
     pub webhook_allow_private_targets: bool,
+    /// Merchant-currency groups a settlement run reads per page (it pages through all).
+    pub settle_groups_page: u32,
 }
 
 impl EngineConfig {
@@ -102,6 +104,7 @@ impl Default for EngineConfig {
             barcode_window_ms: 30_000,
             webhook_timeout_ms: 10_000,
             webhook_allow_private_targets: false,
+            settle_groups_page: settlement::SETTLE_GROUPS_PAGE,
         }
     }
 }

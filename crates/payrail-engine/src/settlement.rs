@@ -17,8 +17,12 @@ use payrail_store::{
     StatementRefund,
 };
 
-/// Merchants and currencies one run looks at (the rest wait for the next run).
-pub const SETTLE_GROUPS_PER_RUN_MAX: u32 = 1_000;
+/// Merchants and currencies read per page; a run pages through all of them (review finding: a
+/// run that stopped at the first page never settled the merchants after it, since every active
+/// merchant always has unsettled payments of the current day).
+pub const SETTLE_GROUPS_PAGE: u32 = 1_000;
+/// Pages one run reads at most (a million merchant-currency groups).
+pub const SETTLE_GROUP_PAGES_MAX: usize = 1_000;
 /// Business days one run walks per merchant and currency (a backlog catches up over runs).
 pub const SETTLE_DAYS_PER_RUN_MAX: usize = 62;
 /// How often the scheduled worker runs.
@@ -94,22 +98,22 @@ impl Engine {
     /// documentation.
     pub async fn run_settlement(&self, upto: Option<Date>) -> Result<SettleReport, EngineError> {
         let now = self.now_ms();
-        let groups = self
-            .store
-            .unsettled_groups(SETTLE_GROUPS_PER_RUN_MAX)
-            .await?;
         let cycles = self.store.list_settlement_cycles().await?;
         let mut report = SettleReport::default();
-        for g in groups {
-            let own = cycles.iter().find(|c| c.merchant_id == Some(g.merchant_id));
-            let default = cycles.iter().find(|c| c.merchant_id.is_none());
-            let cycle = match own.or(default) {
-                Some(r) => cycle_of(r)?,
-                None => builtin_cycle()?,
-            };
-            match self.settle_group(&cycle, &g, now, upto, &mut report).await {
-                Ok(()) => {}
-                Err(e) => {
+        let mut after: Option<(MerchantId, String)> = None;
+        let page = self.config.settle_groups_page.clamp(1, SETTLE_GROUPS_PAGE);
+        for _ in 0..SETTLE_GROUP_PAGES_MAX {
+            let groups = self.store.unsettled_groups(after.clone(), page).await?;
+            let full = groups.len() >= page as usize;
+            for g in &groups {
+                let own = cycles.iter().find(|c| c.merchant_id == Some(g.merchant_id));
+                let default = cycles.iter().find(|c| c.merchant_id.is_none());
+                // A bad stored cycle fails its own group, not the run.
+                let settled = match own.or(default).map_or_else(builtin_cycle, cycle_of) {
+                    Ok(cycle) => self.settle_group(&cycle, g, now, upto, &mut report).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = settled {
                     report.failed = report.failed.saturating_add(1);
                     tracing::error!(merchant_id = %g.merchant_id, currency = %g.currency, error = %e, "settlement failed");
                     let _ = self
@@ -122,6 +126,10 @@ impl Engine {
                         })
                         .await;
                 }
+            }
+            match groups.last() {
+                Some(g) if full => after = Some((g.merchant_id, g.currency.clone())),
+                _ => break,
             }
         }
         if !report.created.is_empty() {

@@ -241,8 +241,13 @@ pub trait ClearingStore: Send + Sync + 'static {
     async fn get_payment_clearing(&self, id: PaymentId) -> Result<Option<PaymentClearingRecord>>;
     async fn list_refund_clearings(&self, payment: PaymentId) -> Result<Vec<RefundClearingRecord>>;
 
-    /// Merchants and currencies with unsettled payments (at most `limit`).
-    async fn unsettled_groups(&self, limit: u32) -> Result<Vec<UnsettledGroup>>;
+    /// Merchants and currencies with unsettled payments, by (merchant, currency), after `after`
+    /// (keyset pagination: a run pages through all of them), at most `limit`.
+    async fn unsettled_groups(
+        &self,
+        after: Option<(MerchantId, String)>,
+        limit: u32,
+    ) -> Result<Vec<UnsettledGroup>>;
 
     /// Creates the batch of `(merchant, currency, business day)` unless it exists — one
     /// transaction: the batch row (unique per merchant, currency and day), the unsettled

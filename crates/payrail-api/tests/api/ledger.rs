@@ -826,6 +826,44 @@ both!(
     }
 );
 
+both!(
+    a_settlement_run_pages_through_every_merchant,
+    |b| async move {
+        // Regression (review finding): a run read the first page of merchant-currency groups
+        // only, and every active merchant always has unsettled payments of the current day, so
+        // the merchants after the first page were never settled. Pages of one group here.
+        let config = EngineConfig {
+            settle_groups_page: 1,
+            ..test_config()
+        };
+        let Some(h) = harness_with(b, config, false).await else {
+            return;
+        };
+        h.clock.set_ms(beijing_ms("2026-03-01 09:00:00"));
+        let mut merchants = Vec::new();
+        for i in 0..4 {
+            let (_m, c) = h.merchant(&format!("Paged {i}")).await;
+            pay_ok(&h, &c, 1_000 + i * 10, &format!("paged-{i}")).await;
+            merchants.push(c);
+        }
+        // Due on the 3rd at 00:00 (T+1); today's payment of the first merchant stays unsettled
+        // and keeps its group open on every page.
+        h.clock.set_ms(beijing_ms("2026-03-03 00:00:00"));
+        pay_ok(&h, &merchants[0], 500, "paged-today").await;
+        let report = h.engine.run_settlement(None).await.unwrap();
+        assert_eq!(report.created.len(), 4, "{report:?}");
+        assert_eq!(report.failed, 0);
+        for (i, c) in merchants.iter().enumerate() {
+            let pending_today = if i == 0 { 500 } else { 0 };
+            assert_eq!(
+                balances(&h, c).await,
+                (pending_today, 1_000 + i as i64 * 10)
+            );
+        }
+        books_balance(&h).await;
+    }
+);
+
 /// A wallet payment recorded and frozen (Try), as if the process died before the confirm.
 async fn frozen_wallet_payment(
     h: &Harness,

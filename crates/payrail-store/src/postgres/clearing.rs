@@ -701,13 +701,20 @@ impl ClearingStore for PgStore {
         )
     }
 
-    async fn unsettled_groups(&self, limit: u32) -> Result<Vec<UnsettledGroup>> {
+    async fn unsettled_groups(
+        &self,
+        after: Option<(MerchantId, String)>,
+        limit: u32,
+    ) -> Result<Vec<UnsettledGroup>> {
+        // '' sorts before every merchant id and currency code.
+        let (m, cur) = after.map_or((String::new(), String::new()), |(m, c)| (m.to_string(), c));
         let c = self.client().await?;
         query(
             &c,
             "SELECT merchant_id, currency, MIN(cleared_at_ms) FROM payment_clearing \
-             WHERE settlement_id IS NULL GROUP BY merchant_id, currency ORDER BY merchant_id, currency LIMIT $1",
-            &[&limit_of(limit)],
+             WHERE settlement_id IS NULL AND (merchant_id > $1 OR (merchant_id = $1 AND currency > $2)) \
+             GROUP BY merchant_id, currency ORDER BY merchant_id, currency LIMIT $3",
+            &[&m, &cur, &limit_of(limit)],
         )
         .await?
         .iter()

@@ -764,14 +764,21 @@ impl ClearingStore for SqliteStore {
         .await
     }
 
-    async fn unsettled_groups(&self, limit: u32) -> Result<Vec<UnsettledGroup>> {
+    async fn unsettled_groups(
+        &self,
+        after: Option<(MerchantId, String)>,
+        limit: u32,
+    ) -> Result<Vec<UnsettledGroup>> {
+        // '' sorts before every merchant id and currency code.
+        let (m, cur) = after.map_or((String::new(), String::new()), |(m, c)| (m.to_string(), c));
         self.read(move |c| {
             c.prepare_cached(
                 "SELECT merchant_id, currency, MIN(cleared_at_ms) FROM payment_clearing \
-                 WHERE settlement_id IS NULL GROUP BY merchant_id, currency ORDER BY merchant_id, currency LIMIT ?1",
+                 WHERE settlement_id IS NULL AND (merchant_id > ?1 OR (merchant_id = ?1 AND currency > ?2)) \
+                 GROUP BY merchant_id, currency ORDER BY merchant_id, currency LIMIT ?3",
             )
             .and_then(|mut s| {
-                s.query_map([i64::from(limit.min(LIST_LIMIT_MAX))], |r| {
+                s.query_map(params![m, cur, i64::from(limit.min(LIST_LIMIT_MAX))], |r| {
                     Ok(UnsettledGroup {
                         merchant_id: parse_id(r.get(0)?)?,
                         currency: r.get(1)?,
