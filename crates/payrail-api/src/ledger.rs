@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/balance", get(balance))
+        .route("/v1/wallets/{holder}", get(merchant_get_wallet))
         .route("/v1/ledger/entries", get(merchant_postings))
         .route("/v1/settlements", get(list_settlements))
         .route("/v1/settlements/{id}", get(get_settlement))
@@ -47,8 +48,14 @@ pub fn router() -> Router<AppState> {
             "/v1/operator/settlements/{id}/statement.csv",
             get(op_statement_csv),
         )
-        .route("/v1/operator/wallets/{id}", get(get_wallet))
-        .route("/v1/operator/wallets/{id}/topup", post(top_up))
+        .route(
+            "/v1/operator/merchants/{merchant_id}/wallets/{holder}",
+            get(op_get_wallet),
+        )
+        .route(
+            "/v1/operator/merchants/{merchant_id}/wallets/{holder}/topup",
+            post(top_up),
+        )
         .route("/v1/operator/ledger/accounts", get(list_accounts))
         .route(
             "/v1/operator/ledger/accounts/{id}/postings",
@@ -719,17 +726,44 @@ fn account_json(a: &AccountRecord) -> Result<Value, ApiError> {
     }))
 }
 
-fn wallet_json(id: &str, accounts: &[AccountRecord]) -> Result<Value, ApiError> {
+fn wallet_json(
+    merchant: MerchantId,
+    holder: &str,
+    accounts: &[AccountRecord],
+) -> Result<Value, ApiError> {
     let balances: Vec<Value> = accounts
         .iter()
         .map(account_json)
         .collect::<Result<_, _>>()?;
-    Ok(json!({"object": "wallet", "id": id, "accounts": balances}))
+    Ok(json!({
+        "object": "wallet",
+        "id": holder,
+        "merchant_id": merchant,
+        "accounts": balances,
+    }))
+}
+
+fn wallet_merchant(id: &str) -> Result<MerchantId, ApiError> {
+    id.parse().map_err(|_| ApiError::not_found("merchant"))
+}
+
+fn wallet_holder(holder: &str) -> Result<(), ApiError> {
+    // The merchant part is checked apart; any valid merchant id will do here.
+    if AccountId::wallet(MerchantId::generate(0, [0; 10]), holder, Currency::CNY).is_err() {
+        return Err(ApiError::invalid(
+            "parameter_invalid",
+            format!(
+                "a wallet id is 1-{} characters of A-Z a-z 0-9 _ - .",
+                payrail_domain::ledger::WALLET_HOLDER_LEN_MAX
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn top_up(
     State(engine): State<AppState>,
-    Path(id): Path<String>,
+    Path((merchant, holder)): Path<(String, String)>,
     op: Operator,
 ) -> Result<Response, ApiError> {
     let b: TopUpBody = parse_json(&op.body)?;
@@ -745,30 +779,47 @@ async fn top_up(
         )
         .with_param("amount")
     })?;
-    if AccountId::wallet(&id, currency).is_err() {
-        return Err(ApiError::invalid(
-            "parameter_invalid",
-            "a wallet id is 1-64 characters of A-Z a-z 0-9 _ - .",
-        ));
-    }
+    let merchant = wallet_merchant(&merchant)?;
+    wallet_holder(&holder)?;
     idempotent(&engine, op.mutation(), move |engine, _claim| async move {
-        engine.top_up_wallet(&id, amount).await?;
-        let accounts = engine.wallet_accounts(&id).await?;
-        Ok(Reply::ok(wallet_json(&id, &accounts)?))
+        engine.top_up_wallet(merchant, &holder, amount).await?;
+        let accounts = engine.wallet_accounts(merchant, &holder).await?;
+        Ok(Reply::ok(wallet_json(merchant, &holder, &accounts)?))
     })
     .await
 }
 
-async fn get_wallet(
-    State(engine): State<AppState>,
-    _: OperatorAuth,
-    Path(id): Path<String>,
+async fn wallet_of(
+    engine: &AppState,
+    merchant: MerchantId,
+    holder: &str,
 ) -> Result<Json<Value>, ApiError> {
-    let accounts = engine.wallet_accounts(&id).await?;
+    wallet_holder(holder)?;
+    let accounts = engine.wallet_accounts(merchant, holder).await?;
     if accounts.is_empty() {
         return Err(ApiError::not_found("wallet"));
     }
-    Ok(Json(wallet_json(&id, &accounts)?))
+    Ok(Json(wallet_json(merchant, holder, &accounts)?))
+}
+
+async fn op_get_wallet(
+    State(engine): State<AppState>,
+    _: OperatorAuth,
+    Path((merchant, holder)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    wallet_of(&engine, wallet_merchant(&merchant)?, &holder).await
+}
+
+/// A merchant reads the wallets of its own end users only: the wallet's name carries the
+/// merchant, so another merchant's wallet of the same holder id is simply not found.
+async fn merchant_get_wallet(
+    State(engine): State<AppState>,
+    Path(holder): Path<String>,
+    s: Signed,
+) -> Result<Json<Value>, ApiError> {
+    Query::parse(query_of(&s).as_deref(), &[])?;
+    admit_read(&engine, &s).await?;
+    wallet_of(&engine, s.app.merchant_id, &holder).await
 }
 
 // --- operator: ledger ------------------------------------------------------------------------

@@ -191,7 +191,7 @@ pub fn refund_entry(
         let holder = c.wallet.as_deref().ok_or(ClearingError::NoWallet)?;
         push_nonzero(
             &mut p,
-            Posting::credit(AccountId::wallet(holder, cur)?, s.quote.refund),
+            Posting::credit(AccountId::wallet(c.merchant, holder, cur)?, s.quote.refund),
         );
         (EntryCode::WalletRefund, "wallet_refund")
     } else {

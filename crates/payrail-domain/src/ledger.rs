@@ -34,7 +34,9 @@ pub const POSTINGS_MAX: usize = 16;
 /// Longest entry id: room for a payment or refund id plus a rule suffix.
 pub const ENTRY_ID_LEN_MAX: usize = 96;
 /// Longest account owner (a merchant id is 30 characters, a channel name a few).
-pub const OWNER_LEN_MAX: usize = 64;
+pub const OWNER_LEN_MAX: usize = 96;
+/// Longest end-user id in a wallet's name (`wallet:{merchant}.{holder}:CUR`).
+pub const WALLET_HOLDER_LEN_MAX: usize = 64;
 /// Longest business reference carried by an entry (a payment or refund id).
 pub const REFERENCE_LEN_MAX: usize = 96;
 /// Longest hold of a two-phase entry: 30 days, in ms. A wallet freeze needs minutes; anything
@@ -436,8 +438,32 @@ impl AccountId {
     pub fn channel_cost(channel: &str, currency: Currency) -> Result<AccountId, LedgerError> {
         Self::new(AccountKind::ChannelCost, channel, currency)
     }
-    pub fn wallet(holder: &str, currency: Currency) -> Result<AccountId, LedgerError> {
-        Self::new(AccountKind::Wallet, holder, currency)
+    /// An end user's stored balance at one merchant (a member card, 储值): owner
+    /// `{merchant}.{holder}`. Wallets belong to a merchant because payrail does not
+    /// authenticate end users: a wallet payment is authorised by the merchant that holds the
+    /// wallet, so no merchant can spend another merchant's customers' balances (review finding:
+    /// global wallets let any merchant pay itself from any wallet it could name).
+    pub fn wallet(
+        merchant: MerchantId,
+        holder: &str,
+        currency: Currency,
+    ) -> Result<AccountId, LedgerError> {
+        if holder.len() > WALLET_HOLDER_LEN_MAX || !owner_ok(holder) {
+            return Err(LedgerError::BadOwner(holder.chars().take(80).collect()));
+        }
+        Self::new(
+            AccountKind::Wallet,
+            &format!("{merchant}.{holder}"),
+            currency,
+        )
+    }
+
+    /// The end user's id of a wallet account (its owner without the merchant), else `None`.
+    pub fn wallet_holder(&self) -> Option<&str> {
+        if self.kind != AccountKind::Wallet {
+            return None;
+        }
+        self.owner().split_once('.').map(|(_, holder)| holder)
     }
 
     /// Parses `kind:owner:CUR`.

@@ -167,6 +167,7 @@ pub fn payout(
 /// Wallet top-up: D funding (operator) or channel clearing (paid through a channel), C wallet.
 pub fn wallet_top_up(
     top_up_id: &impl Display,
+    merchant: MerchantId,
     holder: &str,
     amount: Money,
     source: &TopUpSource,
@@ -182,7 +183,7 @@ pub fn wallet_top_up(
         Some(&top_up_id.to_string()),
         vec![
             Posting::debit(from, amount),
-            Posting::credit(AccountId::wallet(holder, c)?, amount),
+            Posting::credit(AccountId::wallet(merchant, holder, c)?, amount),
         ],
     )
 }
@@ -205,7 +206,10 @@ pub fn wallet_freeze(
 ) -> Result<Entry, LedgerError> {
     let c = quote.amount.currency();
     let mut p = Vec::with_capacity(3);
-    p.push(Posting::debit(AccountId::wallet(holder, c)?, quote.amount));
+    p.push(Posting::debit(
+        AccountId::wallet(merchant, holder, c)?,
+        quote.amount,
+    ));
     push_nonzero(
         &mut p,
         Posting::credit(AccountId::merchant_pending(merchant, c), quote.net),
@@ -266,7 +270,10 @@ pub fn wallet_refund(
         &mut p,
         Posting::debit(AccountId::platform_fee(c), quote.fee_refund),
     );
-    p.push(Posting::credit(AccountId::wallet(holder, c)?, quote.refund));
+    p.push(Posting::credit(
+        AccountId::wallet(merchant, holder, c)?,
+        quote.refund,
+    ));
     Entry::posted(
         EntryId::derived(refund_id, "wallet_refund")?,
         EntryCode::WalletRefund,

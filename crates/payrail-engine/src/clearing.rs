@@ -279,7 +279,7 @@ impl Engine {
                 (AccountKind::PlatformFee, Side::Credit) => fee = posting.amount_minor,
                 (AccountKind::MerchantPending, Side::Credit) => net = posting.amount_minor,
                 (AccountKind::Wallet, Side::Debit) => {
-                    holder = Some(posting.account.owner().to_string())
+                    holder = posting.account.wallet_holder().map(str::to_string)
                 }
                 _ => {}
             }

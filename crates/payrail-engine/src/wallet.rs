@@ -255,17 +255,19 @@ impl Connector for WalletConnector {
 }
 
 impl Engine {
-    /// Credits an end user's wallet (opening it on first use): D funding, C wallet. Returns the
-    /// wallet's account afterwards.
+    /// Credits an end user's wallet at a merchant (opening it on first use): D funding, C
+    /// wallet. Returns the wallet's account afterwards.
     pub async fn top_up_wallet(
         &self,
-        wallet: &str,
+        merchant: payrail_domain::MerchantId,
+        holder: &str,
         amount: Money,
     ) -> Result<AccountRecord, EngineError> {
-        let account = AccountId::wallet(wallet, amount.currency())
+        self.get_merchant(merchant).await?;
+        let account = AccountId::wallet(merchant, holder, amount.currency())
             .map_err(|_| EngineError::NotFound("wallet"))?;
         let id: TopUpId = self.ids.next();
-        let entry = wallet_top_up(&id, wallet, amount, &TopUpSource::Operator)
+        let entry = wallet_top_up(&id, merchant, holder, amount, &TopUpSource::Operator)
             .map_err(|e| EngineError::Internal(format!("posting rule: {e}")))?;
         let now = self.now_ms();
         let specs: Vec<AccountSpec> = entry
@@ -293,15 +295,19 @@ impl Engine {
             .ok_or(EngineError::NotFound("wallet"))
     }
 
-    /// A wallet's accounts (one per currency).
-    pub async fn wallet_accounts(&self, wallet: &str) -> Result<Vec<AccountRecord>, EngineError> {
-        if AccountId::wallet(wallet, payrail_domain::Currency::CNY).is_err() {
+    /// The accounts of an end user's wallet at a merchant (one per currency).
+    pub async fn wallet_accounts(
+        &self,
+        merchant: payrail_domain::MerchantId,
+        holder: &str,
+    ) -> Result<Vec<AccountRecord>, EngineError> {
+        let Ok(any) = AccountId::wallet(merchant, holder, payrail_domain::Currency::CNY) else {
             return Err(EngineError::NotFound("wallet"));
-        }
+        };
         Ok(self
             .store
             .list_ledger_accounts(
-                &format!("{}:{wallet}:", AccountKind::Wallet),
+                &format!("{}:{}:", AccountKind::Wallet, any.owner()),
                 payrail_store::LIST_LIMIT_MAX,
                 None,
             )

@@ -1082,7 +1082,12 @@ mod tests {
         let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
         let store = PgStore::connect(&format!("{base}/{db}")).await.unwrap();
         let f = AccountId::funding(Currency::CNY);
-        let w = AccountId::wallet("w", Currency::CNY).unwrap();
+        let w = AccountId::wallet(
+            payrail_domain::MerchantId::generate(1, [7; 10]),
+            "w",
+            Currency::CNY,
+        )
+        .unwrap();
         let mut c = store.client().await.unwrap();
         {
             let tx = c.transaction().await.unwrap();

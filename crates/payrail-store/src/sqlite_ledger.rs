@@ -932,7 +932,12 @@ mod tests {
     async fn postings_commit_with_the_callers_write_or_not_at_all() {
         let store = temp_store();
         let f = AccountId::funding(Currency::CNY);
-        let w = AccountId::wallet("w", Currency::CNY).unwrap();
+        let w = AccountId::wallet(
+            payrail_domain::MerchantId::generate(1, [7; 10]),
+            "w",
+            Currency::CNY,
+        )
+        .unwrap();
         store
             .open_accounts(
                 &[

@@ -31,7 +31,7 @@ fn eid(s: &str) -> EntryId {
 }
 
 fn wallet(name: &str) -> AccountId {
-    AccountId::wallet(name, Currency::CNY).unwrap()
+    AccountId::wallet(merchant(), name, Currency::CNY).unwrap()
 }
 
 fn funding() -> AccountId {
@@ -715,7 +715,7 @@ async fn check_lifecycle_balances(store: DynLedgerStore) {
         )
         .unwrap(),
         payout(&"po_1", m, cny(6_000)).unwrap(),
-        wallet_top_up(&"tu_1", "alice", cny(5_000), &TopUpSource::Operator).unwrap(),
+        wallet_top_up(&"tu_1", m, "alice", cny(5_000), &TopUpSource::Operator).unwrap(),
         wallet_freeze(pay(2), "alice", m, &plan.quote(cny(3_000)).unwrap(), 60_000).unwrap(),
         wallet_confirm(pay(2)).unwrap(),
     ];

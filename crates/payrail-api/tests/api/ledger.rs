@@ -262,8 +262,9 @@ both!(
             "/v1/operator/settlements/run",
             "/v1/operator/settlements/{id}",
             "/v1/operator/settlements/{id}/statement.csv",
-            "/v1/operator/wallets/{id}",
-            "/v1/operator/wallets/{id}/topup",
+            "/v1/wallets/{holder}",
+            "/v1/operator/merchants/{merchant_id}/wallets/{holder}",
+            "/v1/operator/merchants/{merchant_id}/wallets/{holder}/topup",
             "/v1/operator/ledger/accounts",
             "/v1/operator/ledger/accounts/{id}/postings",
             "/v1/operator/ledger/entries",
@@ -609,7 +610,7 @@ both!(
         let t = op(
             &h,
             Method::POST,
-            "/v1/operator/wallets/alice/topup",
+            &format!("/v1/operator/merchants/{m}/wallets/alice/topup"),
             Some(json!({"amount": 15_000, "currency": "CNY"})),
         )
         .await;
@@ -646,7 +647,13 @@ both!(
             }
         }
         assert_eq!((ok, refused), (15, 5));
-        let w = op(&h, Method::GET, "/v1/operator/wallets/alice", None).await;
+        let w = op(
+            &h,
+            Method::GET,
+            &format!("/v1/operator/merchants/{m}/wallets/alice"),
+            None,
+        )
+        .await;
         assert_eq!(w.body["accounts"][0]["balance"], 0, "{}", w.body);
         assert_eq!(
             w.body["accounts"][0]["debits_pending"], 0,
@@ -654,8 +661,19 @@ both!(
         );
         // A refund of a wallet payment goes back to the wallet: 10.00, 0.06 of fee returned.
         refund_ok(&h, &c, &wallet_paid[0], 1_000).await;
-        let w = op(&h, Method::GET, "/v1/operator/wallets/alice", None).await;
+        let w = mget(&h, &c, "/v1/wallets/alice").await;
+        assert_eq!(w.status, 200, "{}", w.body);
         assert_eq!(w.body["accounts"][0]["balance"], 1_000);
+        // Wallets belong to their merchant (review finding: any merchant could pay itself from
+        // any wallet it could name). Another merchant naming alice finds no wallet, cannot read
+        // hers, and her balance is untouched.
+        let a = pay_with(&h, &co, 100, "wal-thief", Some("alice")).await;
+        assert_eq!(a.body["failure"]["code"], "wallet_not_found", "{}", a.body);
+        assert_eq!(mget(&h, &co, "/v1/wallets/alice").await.status, 404);
+        assert_eq!(
+            mget(&h, &c, "/v1/wallets/alice").await.body["accounts"][0]["balance"],
+            1_000
+        );
         let pending_23 = 696 + 15 * 994 - 994;
         assert_eq!(balances(&h, &c).await, (pending_23, available));
         // A wallet payment the balance cannot cover fails and freezes nothing.
@@ -975,13 +993,19 @@ both!(
         let t = op(
             &h,
             Method::POST,
-            "/v1/operator/wallets/bob/topup",
+            &format!("/v1/operator/merchants/{m}/wallets/bob/topup"),
             Some(json!({"amount": 5_000, "currency": "CNY"})),
         )
         .await;
         assert_eq!(t.status, 200, "{}", t.body);
-        async fn wallet(h: &Harness) -> (i64, i64) {
-            let w = op(h, Method::GET, "/v1/operator/wallets/bob", None).await;
+        async fn wallet(h: &Harness, m: &str) -> (i64, i64) {
+            let w = op(
+                h,
+                Method::GET,
+                &format!("/v1/operator/merchants/{m}/wallets/bob"),
+                None,
+            )
+            .await;
             (
                 w.body["accounts"][0]["balance"].as_i64().unwrap(),
                 w.body["accounts"][0]["available"].as_i64().unwrap(),
@@ -989,18 +1013,18 @@ both!(
         }
         // Try made, confirm lost: 30.00 frozen, not spent.
         let p1 = frozen_wallet_payment(&h, &m, "bob", 3_000).await;
-        assert_eq!(wallet(&h).await, (5_000, 2_000));
+        assert_eq!(wallet(&h, &m).await, (5_000, 2_000));
         // The status-sync job finds the freeze pending and the engine confirms it.
         run_sync(&h).await;
         let p = h.engine.store.get_payment_any(p1).await.unwrap().unwrap();
         assert_eq!(p.status, payrail_domain::PaymentStatus::Succeeded);
         assert!(entry_exists(&h, &format!("{p1}:wallet_confirm")).await);
-        assert_eq!(wallet(&h).await, (2_000, 2_000));
+        assert_eq!(wallet(&h, &m).await, (2_000, 2_000));
         assert_eq!(balances(&h, &c).await, (3_000 - 18, 0));
         // Another frozen payment whose freeze times out: the sweep releases it, and the job then
         // fails the payment; the wallet gets its money back, the merchant nothing.
         let p2 = frozen_wallet_payment(&h, &m, "bob", 1_500).await;
-        assert_eq!(wallet(&h).await, (2_000, 500));
+        assert_eq!(wallet(&h, &m).await, (2_000, 500));
         h.clock
             .advance_ms(payrail_engine::wallet::WALLET_FREEZE_TIMEOUT_MS + 1);
         let released = h
@@ -1014,7 +1038,7 @@ both!(
         let p = h.engine.store.get_payment_any(p2).await.unwrap().unwrap();
         assert_eq!(p.status, payrail_domain::PaymentStatus::Failed);
         assert_eq!(p.failure_code.as_deref(), Some("wallet_hold_released"));
-        assert_eq!(wallet(&h).await, (2_000, 2_000));
+        assert_eq!(wallet(&h, &m).await, (2_000, 2_000));
         assert_eq!(balances(&h, &c).await, (3_000 - 18, 0));
         books_balance(&h).await;
     }

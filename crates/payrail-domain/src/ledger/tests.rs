@@ -7,8 +7,9 @@ fn cny(minor: i64) -> Money {
     Money::new(minor, Currency::CNY)
 }
 
+/// A test merchant's end user's wallet: the generic limited account of these tests.
 fn wallet(name: &str) -> AccountId {
-    AccountId::wallet(name, Currency::CNY).unwrap()
+    AccountId::wallet(MerchantId::generate(1, [7; 10]), name, Currency::CNY).unwrap()
 }
 
 fn eid(s: &str) -> EntryId {
@@ -74,7 +75,7 @@ fn posted(b: &Book, id: &AccountId) -> i128 {
 #[test]
 fn entries_refuse_bad_postings() {
     let (a, b) = (wallet("a"), wallet("b"));
-    let usd = AccountId::wallet("u", Currency::USD).unwrap();
+    let usd = AccountId::wallet(MerchantId::generate(1, [7; 10]), "u", Currency::USD).unwrap();
     let cases: Vec<(Vec<Posting>, &str)> = vec![
         (
             vec![
@@ -173,7 +174,19 @@ fn ids_parse_and_print() {
     assert_eq!(AccountId::parse(&id.to_string()).unwrap(), id);
     assert_eq!(id.owner(), m.to_string());
     assert_eq!(id.kind(), AccountKind::MerchantPending);
-    assert_eq!(wallet("bob").owner(), "bob");
+    // A wallet is named by its merchant and the end user's id.
+    let bob = MerchantId::generate(1, [7; 10]);
+    assert_eq!(wallet("bob").owner(), format!("{bob}.bob"));
+    assert_eq!(wallet("bob").wallet_holder(), Some("bob"));
+    assert_eq!(AccountId::suspense(Currency::CNY).wallet_holder(), None);
+    assert_eq!(wallet("bob").to_string(), format!("wallet:{bob}.bob:CNY"));
+    assert!(AccountId::wallet(bob, &"x".repeat(WALLET_HOLDER_LEN_MAX), Currency::CNY).is_ok());
+    for holder in ["", "al ice", "a:b", &"x".repeat(WALLET_HOLDER_LEN_MAX + 1)] {
+        assert!(
+            AccountId::wallet(bob, holder, Currency::CNY).is_err(),
+            "{holder:?}"
+        );
+    }
     assert_eq!(AccountId::parse("wallet:bob:JPY").unwrap().owner(), "bob");
     assert_eq!(
         AccountId::platform_fee(Currency::USD).to_string(),

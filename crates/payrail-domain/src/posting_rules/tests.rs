@@ -46,8 +46,8 @@ impl World {
             AccountId::funding(c),
             AccountId::channel_clearing(CH, c).unwrap(),
             AccountId::channel_cost(CH, c).unwrap(),
-            AccountId::wallet("alice", c).unwrap(),
-            AccountId::wallet("bob", c).unwrap(),
+            AccountId::wallet(merchant, "alice", c).unwrap(),
+            AccountId::wallet(merchant, "bob", c).unwrap(),
         ];
         for a in accounts {
             let flags = a.kind().default_flags();
@@ -66,6 +66,11 @@ impl World {
     }
 
     /// Balance on the account's normal side, in minor units.
+    fn wallet_bal(&self, holder: &str) -> i128 {
+        let owner = format!("{}.{holder}", self.merchant);
+        self.bal(AccountKind::Wallet, &owner)
+    }
+
     fn bal(&self, kind: AccountKind, owner: &str) -> i128 {
         let id = AccountId::new(kind, owner, Currency::CNY).unwrap();
         self.book
@@ -215,22 +220,30 @@ fn zero_lines_are_left_out() {
 fn wallet_top_up_freeze_confirm_cancel_and_refund() {
     let mut w = World::new();
     let p = plan();
-    w.ok(&wallet_top_up(&"tu_1", "alice", cny(10_000), &TopUpSource::Operator).unwrap());
+    w.ok(&wallet_top_up(
+        &"tu_1",
+        w.merchant,
+        "alice",
+        cny(10_000),
+        &TopUpSource::Operator,
+    )
+    .unwrap());
     w.ok(&wallet_top_up(
         &"tu_2",
+        w.merchant,
         "alice",
         cny(5_000),
         &TopUpSource::Channel(CH.into()),
     )
     .unwrap());
-    assert_eq!(w.bal(AccountKind::Wallet, "alice"), 15_000);
+    assert_eq!(w.wallet_bal("alice"), 15_000);
 
     // Try: 120.00 frozen. Available drops at once, the posted balance only on confirm.
     let q = p.quote(cny(12_000)).unwrap();
     let freeze = wallet_freeze(pay(7), "alice", w.merchant, &q, 60_000).unwrap();
     assert_eq!(freeze.phase(), EntryPhase::Pending);
     w.ok(&freeze);
-    let alice = AccountId::wallet("alice", Currency::CNY).unwrap();
+    let alice = AccountId::wallet(w.merchant, "alice", Currency::CNY).unwrap();
     let b = w.book.account(&alice).unwrap().balance;
     assert_eq!(
         (b.available(Side::Credit), b.posted_net(Side::Credit)),
@@ -245,7 +258,7 @@ fn wallet_top_up_freeze_confirm_cancel_and_refund() {
     ));
     // Confirm.
     w.ok(&wallet_confirm(pay(7)).unwrap());
-    assert_eq!(w.bal(AccountKind::Wallet, "alice"), 3_000);
+    assert_eq!(w.wallet_bal("alice"), 3_000);
     assert_eq!(w.m(AccountKind::MerchantPending), 12_000 - 72);
     assert_eq!(w.bal(AccountKind::PlatformFee, PLATFORM_OWNER), 72);
     w.balanced();
@@ -272,7 +285,7 @@ fn wallet_top_up_freeze_confirm_cancel_and_refund() {
         RefundSource::Pending,
     )
     .unwrap());
-    assert_eq!(w.bal(AccountKind::Wallet, "alice"), 9_000);
+    assert_eq!(w.wallet_bal("alice"), 9_000);
     assert_eq!(w.m(AccountKind::MerchantPending), 11_928 - 5_964);
     assert_eq!(w.bal(AccountKind::PlatformFee, PLATFORM_OWNER), 36);
     w.balanced();
@@ -281,12 +294,12 @@ fn wallet_top_up_freeze_confirm_cancel_and_refund() {
 #[test]
 fn a_reversal_undoes_an_entry() {
     let mut w = World::new();
-    let e = wallet_top_up(&"tu", "bob", cny(700), &TopUpSource::Operator).unwrap();
+    let e = wallet_top_up(&"tu", w.merchant, "bob", cny(700), &TopUpSource::Operator).unwrap();
     w.ok(&e);
     let rev = reversal(EntryId::parse("tu:reversal").unwrap(), &e).unwrap();
     assert_eq!(rev.reference(), Some("tu:top_up"));
     w.ok(&rev);
-    assert_eq!(w.bal(AccountKind::Wallet, "bob"), 0);
+    assert_eq!(w.wallet_bal("bob"), 0);
     assert_eq!(w.bal(AccountKind::Funding, PLATFORM_OWNER), 0);
     w.balanced();
 }
