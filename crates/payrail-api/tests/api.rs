@@ -1470,6 +1470,56 @@ both!(
     }
 );
 
+both!(
+    an_open_payments_sync_job_backs_off_doubling_up_to_the_cap,
+    |b| async move {
+        let cfg = EngineConfig {
+            sync_first_delay_ms: 1_000,
+            sync_max_delay_ms: 4_000,
+            ..test_config()
+        };
+        let Some(h) = harness_with(b, cfg, false).await else {
+            return;
+        };
+        let (_, c) = h.merchant("Shop").await;
+        // Sandbox ..04: the order is open and the payer never pays (until expiry, 30 min).
+        let a = h.create(&c, 1004, "backoff").await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        let id: payrail_domain::PaymentId = a.body["id"].as_str().unwrap().parse().unwrap();
+        let kind = payrail_engine::JOB_PAYMENT_SYNC;
+        // The first query a short delay after the create's answer, then 2^N growth, capped.
+        // Each due time is checked through the store: the job cannot be leased 1 ms before it
+        // and can at it (the clock stands still between runs).
+        let mut due = h.clock.now_ms();
+        for (run, gap) in [1_000, 1_000, 2_000, 4_000, 4_000, 4_000]
+            .into_iter()
+            .enumerate()
+        {
+            let at = due + gap;
+            let early = h
+                .engine
+                .store
+                .lease_jobs(kind, at - 1, 30_000, 10)
+                .await
+                .unwrap();
+            assert!(early.is_empty(), "run {run}: due before +{gap} ms");
+            h.clock.set_ms(at);
+            let jobs = h
+                .engine
+                .store
+                .lease_jobs(kind, at, 30_000, 10)
+                .await
+                .unwrap();
+            assert_eq!(jobs.len(), 1, "run {run}: not due at +{gap} ms");
+            assert_eq!(jobs[0].subject_id, id.to_string());
+            h.engine.sync_payment(&jobs[0]).await.unwrap();
+            due = at;
+        }
+        let p = h.engine.store.get_payment_any(id).await.unwrap().unwrap();
+        assert_eq!(p.status, payrail_domain::PaymentStatus::Processing);
+    }
+);
+
 both!(operators_requery_open_payments_in_a_batch, |b| async move {
     let Some(h) = harness(b).await else { return };
     let (_, c) = h.merchant("Shop").await;
@@ -2182,6 +2232,7 @@ impl payrail_channels::Connector for RefundScript {
             cancel_window_ms: None,
             refund_query_delay_ms: 10_000,
             bills: false,
+            close_confirm_delay_ms: 0,
         }
     }
     async fn submit(
@@ -2656,6 +2707,7 @@ impl payrail_channels::Connector for PaidDuringCancel {
             cancel_window_ms: None,
             refund_query_delay_ms: 0,
             bills: false,
+            close_confirm_delay_ms: 0,
         }
     }
     async fn submit(

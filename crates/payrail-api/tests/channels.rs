@@ -6,7 +6,8 @@
 
 use payrail_client::{nonce, Answer, Credentials, PayrailClient};
 use payrail_domain::{Clock, PaymentId, SystemClock};
-use payrail_emulator::{ChannelKind, EmulatorConfig, EmulatorHandle};
+use payrail_emulator::core::OrderState;
+use payrail_emulator::{ChannelKind, EmulatorConfig, EmulatorHandle, Script};
 use payrail_engine::{crypto::MasterKey, Engine, EngineConfig};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -21,7 +22,26 @@ struct H {
     op: String,
     engine: Arc<Engine>,
     base: String,
+    /// The server's clock: the wall clock, which a test may move ahead (expiry).
+    clock: Arc<SkewClock>,
     _stop: watch::Sender<bool>,
+}
+
+/// The wall clock plus an offset a test can grow: the server's timers keep running (the worker
+/// polls on the wall clock) while payments can be made to expire without waiting.
+#[derive(Default)]
+struct SkewClock(std::sync::atomic::AtomicI64);
+
+impl SkewClock {
+    fn jump_ms(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for SkewClock {
+    fn now_ms(&self) -> i64 {
+        SystemClock.now_ms() + self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 fn config() -> EngineConfig {
@@ -49,7 +69,8 @@ async fn harness_full(mut config: EngineConfig, worker: bool, webhooks: bool) ->
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     config.public_url = base.clone();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let skew = Arc::new(SkewClock::default());
+    let clock: Arc<dyn Clock> = skew.clone();
     let mut channels = payrail_channels::Registry::new();
     channels.register(Arc::new(payrail_channels::sandbox::Sandbox::new(
         clock.clone(),
@@ -93,6 +114,7 @@ async fn harness_full(mut config: EngineConfig, worker: bool, webhooks: bool) ->
         op,
         engine,
         base,
+        clock: skew,
         _stop: stop,
     }
 }
@@ -211,6 +233,53 @@ impl H {
             .into_iter()
             .filter(|a| a.kind == kind)
             .collect()
+    }
+
+    /// The types of the events written for one object, oldest first.
+    async fn events_of(&self, c: &Credentials, object_id: &str) -> Vec<String> {
+        self.engine
+            .store
+            .list_events(c_merchant(self, c).await, 0, 500)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.object_id == object_id)
+            .map(|e| e.event_type)
+            .collect()
+    }
+
+    async fn post(&self, c: &Credentials, path: &str, body: Option<Value>) -> Answer {
+        self.client
+            .signed(
+                c,
+                Method::POST,
+                path,
+                body.map(|b| b.to_string()).as_deref(),
+                Some(&nonce()),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Polls a refund until its status is `want` (bounded).
+    async fn wait_refund(&self, c: &Credentials, id: &str, want: &str) -> Answer {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .client
+                .signed(c, Method::GET, &format!("/v1/refunds/{id}"), None, None)
+                .await
+                .unwrap();
+            if r.body["status"] == want {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "refund {id} is still {} (wanted {want})",
+                r.body["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Posts a rendered notification to an account's endpoint, as the channel would.
@@ -756,6 +825,347 @@ async fn review_a_replayed_create_returns_the_stored_answer_even_if_routing_chan
             retry.status,
             retry.body
         );
+    })
+    .await;
+}
+
+/// A payment-code script: the payer never confirms (USERPAYING / 10003 / `05` to every query),
+/// and the first `cancel_retries` cancels answer "retry".
+fn never_confirmed(cancel_retries: u32) -> Script {
+    Script {
+        user_paying_queries: 1_000_000,
+        cancel_retries,
+        ..Script::default()
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_unpaid_orders_are_closed_at_wechat_and_alipay() {
+    bounded(async {
+        let h = harness(config(), true).await;
+        let wx = emulator(ChannelKind::WechatPay).await;
+        let ali = emulator(ChannelKind::Alipay).await;
+        h.account(&wx).await;
+        h.account(&ali).await;
+        let c = h.merchant().await;
+        let mut open = Vec::new();
+        for (method, emu) in [("wechat_native", &wx), ("alipay_qr", &ali)] {
+            let a = h
+                .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": format!("exp-{method}"), "subject": "Tea", "method": method, "expires_in": 60}))
+                .await;
+            assert_eq!(a.body["status"], "processing", "{}", a.body);
+            let id = a.body["id"].as_str().unwrap().to_string();
+            let order = h.order_no(&id).await;
+            open.push((method, emu, id, order));
+        }
+        // Not expired yet: the worker only queries, the orders stay open at the channels.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (method, emu, id, order) in &open {
+            assert_eq!(h.get(&c, id).await.body["status"], "processing", "{method}");
+            let state = emu.order(order).map(|o| o.state);
+            assert!(matches!(state, None | Some(OrderState::NotPaid)), "{method}: {state:?}");
+        }
+        // The server's clock passes expires_at: the worker closes each order at its channel.
+        h.clock.jump_ms(61_000);
+        for (method, emu, id, order) in &open {
+            h.wait_status(&c, id, "closed").await;
+            assert_eq!(h.events_of(&c, id).await, ["payment.closed"], "{method}");
+            let o = emu.order(order).unwrap();
+            match *method {
+                "wechat_native" => assert_eq!(o.state, OrderState::Closed),
+                // Alipay has no trade before the scan: the close falls back to a cancel, which
+                // voids the order number (`action=close`, nothing refunded).
+                _ => assert_eq!((o.state, o.refunds.len()), (OrderState::Revoked, 0)),
+            }
+            // The payer is too late, and the channel's own query agrees with our status.
+            assert!(emu.scan(order).is_err(), "{method}: a closed order was paid");
+            let r = h
+                .client
+                .operator(&h.op, Method::POST, &format!("/v1/operator/payments/{id}/requery"), None, Some(&nonce()))
+                .await
+                .unwrap();
+            assert_eq!(r.body["status"], "closed", "{method}: {}", r.body);
+        }
+        assert!(h.alerts("channel_conflict").await.is_empty());
+    })
+    .await;
+}
+
+/// Issue 3: an expired unpaid UnionPay payment used to stay `processing` forever (queries
+/// answer `34` before and after `payTimeout`). The emulator now refuses the payment after
+/// `payTimeout`, and the close is confirmed from the reconciliation files of the order's days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_unpaid_unionpay_payment_is_closed_once_the_reconciliation_files_confirm() {
+    bounded(async {
+        let h = harness(config(), true).await;
+        let emu = emulator(ChannelKind::UnionPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        let create = |otn: &'static str| {
+            let (h, c) = (&h, &c);
+            async move {
+                let a = h
+                    .create(c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": otn, "subject": "Tea", "method": "unionpay_web", "expires_in": 60}))
+                    .await;
+                assert_eq!(a.body["status"], "processing", "{}", a.body);
+                // payTimeout is the payment's expiry, Beijing time.
+                let expires = a.body["expires_at"].as_i64().unwrap() * 1000;
+                assert_eq!(
+                    a.body["next_action"]["fields"]["payTimeout"],
+                    payrail_emulator::crypto::compact(expires),
+                    "{}",
+                    a.body
+                );
+                // The payer's browser reaches the cashier: the order exists at UnionPay.
+                let form: Vec<(String, String)> = a.body["next_action"]["fields"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                    .collect();
+                let url = a.body["next_action"]["url"].as_str().unwrap().to_string();
+                let page = reqwest::Client::new().post(&url).form(&form).send().await.unwrap();
+                assert!(page.text().await.unwrap().contains("cashier"));
+                let id = a.body["id"].as_str().unwrap().to_string();
+                let order = h.order_no(&id).await.replace('_', "");
+                (id, order, url, form)
+            }
+        };
+        let (unpaid, unpaid_order, url, form) = create("up-exp-1").await;
+        // Paid in time, but its notification never reached us.
+        let (paid, paid_order, _, _) = create("up-exp-2").await;
+        emu.scan(&paid_order).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(h.get(&c, &unpaid).await.body["status"], "processing");
+
+        // Past expiry on our clock: the close's query reports the paid one (its notification
+        // was never sent): succeeded, never closed.
+        h.clock.jump_ms(61_000);
+        h.wait_status(&c, &paid, "succeeded").await;
+        // Past payTimeout at UnionPay too: the payment is refused, and so is a late cashier, but
+        // the query still answers "no such transaction" and the order's day's file is not out.
+        emu.advance(61_000).await;
+        assert!(emu.scan(&unpaid_order).is_err(), "paid after payTimeout");
+        let late = reqwest::Client::new().post(&url).form(&form).send().await.unwrap();
+        assert!(late.text().await.unwrap().contains("payTimeout"), "a cashier after payTimeout");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(h.get(&c, &unpaid).await.body["status"], "processing", "no file, no close");
+
+        // Days later the files of the order's day and the next are out and do not list it.
+        emu.advance(3 * DAY_MS).await;
+        h.wait_status(&c, &unpaid, "closed").await;
+        assert_eq!(h.events_of(&c, &unpaid).await, ["payment.closed"]);
+        assert_eq!(h.events_of(&c, &paid).await, ["payment.succeeded"]);
+        let o = emu.order(&unpaid_order).unwrap();
+        assert_eq!((o.state, o.paid_at_ms), (OrderState::NotPaid, None));
+        assert!(emu.ledger().iter().all(|l| l.out_trade_no != unpaid_order));
+        // A close confirmed this way is expected to take days: no alert was raised for it.
+        assert!(h.alerts("payment_unresolved").await.is_empty());
+        assert!(h.alerts("channel_conflict").await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_code_whose_cancel_the_channel_asks_to_retry_is_cancelled_on_a_later_call() {
+    bounded(async {
+        let cfg = EngineConfig {
+            barcode_poll_ms: 100,
+            barcode_window_ms: 250,
+            ..config()
+        };
+        let h = harness(cfg, true).await;
+        let wx = emulator(ChannelKind::WechatPay).await;
+        let ali = emulator(ChannelKind::Alipay).await;
+        h.account(&wx).await;
+        h.account(&ali).await;
+        let c = h.merchant().await;
+        for (method, emu, code) in [("wechat_code", &wx, "134567890123456789"), ("alipay_code", &ali, "287654321098765432")] {
+            // Still "user paying" past the window; the first two cancels answer retry
+            // (WeChat recall=Y, Alipay retry_flag=Y), the third cancels.
+            emu.script_amount(1009, never_confirmed(2));
+            let a = h
+                .create(&c, json!({"amount": 1009, "currency": "CNY", "out_trade_no": format!("retry-{method}"), "subject": "Tea", "method": method, "auth_code": code}))
+                .await;
+            assert_eq!(a.body["status"], "processing", "{}", a.body);
+            let id = a.body["id"].as_str().unwrap();
+            h.wait_status(&c, id, "cancelled").await;
+            let o = emu.order(&h.order_no(id).await).unwrap();
+            assert_eq!((o.state, o.cancels), (OrderState::Revoked, 3), "{method}: {o:?}");
+            assert_eq!(h.events_of(&c, id).await, ["payment.cancelled"], "{method}");
+            // Nothing more is sent once it is cancelled.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(emu.order(&o.out_trade_no).unwrap().cancels, 3, "{method}");
+        }
+        assert!(h.alerts("cancel_unconfirmed").await.is_empty());
+    })
+    .await;
+}
+
+/// Bug: `cancel_calls` counted the runs inside the window as ⌊window / poll⌋ + 1, one too many
+/// when the window is a multiple of the poll (the defaults: 30 s and 5 s), so a channel that
+/// kept asking to retry got `CANCEL_CALLS_MAX` + 1 cancels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_calls_stop_at_cancel_calls_max_when_the_window_is_a_multiple_of_the_poll() {
+    bounded(async {
+        let cfg = EngineConfig {
+            barcode_poll_ms: 250,
+            barcode_window_ms: 500,
+            ..config()
+        };
+        let h = harness(cfg, true).await;
+        let emu = emulator(ChannelKind::WechatPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        emu.script_amount(1009, never_confirmed(u32::MAX));
+        let a = h
+            .create(&c, json!({"amount": 1009, "currency": "CNY", "out_trade_no": "wx-never", "subject": "Tea", "method": "wechat_code", "auth_code": "134567890123456789"}))
+            .await;
+        let id = a.body["id"].as_str().unwrap();
+        let order = h.order_no(id).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while h.alerts("cancel_unconfirmed").await.is_empty() {
+            assert!(Instant::now() < deadline, "no cancel_unconfirmed alert; cancels so far {:?}", emu.order(&order).map(|o| o.cancels));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let max = u32::try_from(payrail_engine::barcode::CANCEL_CALLS_MAX).unwrap();
+        assert_eq!(emu.order(&order).unwrap().cancels, max);
+        // The job keeps asking for the status, but cancels no more; unknown is never failure.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(emu.order(&order).unwrap().cancels, max);
+        assert_eq!(h.get(&c, id).await.body["status"], "processing");
+        assert_eq!(h.alerts("cancel_unconfirmed").await.len(), 1);
+        assert!(h.events_of(&c, id).await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_merchant_cancels_an_alipay_payment_code_repeating_while_the_channel_asks() {
+    bounded(async {
+        let h = harness(config(), false).await;
+        let emu = emulator(ChannelKind::Alipay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        emu.script_amount(1009, never_confirmed(2));
+        emu.script_amount(1019, never_confirmed(u32::MAX));
+        let create = |amount: i64, otn: &'static str| {
+            let (h, c) = (&h, &c);
+            async move {
+                let a = h
+                    .create(c, json!({"amount": amount, "currency": "CNY", "out_trade_no": otn, "subject": "Tea", "method": "alipay_code", "auth_code": "287654321098765432"}))
+                    .await;
+                assert_eq!(a.body["status"], "processing", "{}", a.body);
+                a.body["id"].as_str().unwrap().to_string()
+            }
+        };
+        // Two retries, then cancelled: the cashier's one request repeats the cancel.
+        let id = create(1009, "ali-cancel-1").await;
+        let r = h.post(&c, &format!("/v1/payments/{id}/cancel"), None).await;
+        assert_eq!((r.status, r.body["status"].as_str()), (200, Some("cancelled")), "{}", r.body);
+        let o = emu.order(&h.order_no(&id).await).unwrap();
+        assert_eq!((o.state, o.cancels), (OrderState::Revoked, 3));
+        assert_eq!(h.events_of(&c, &id).await, ["payment.cancelled"]);
+        // Retry every time: three calls, then 503 and the payment unchanged.
+        let id = create(1019, "ali-cancel-2").await;
+        let r = h.post(&c, &format!("/v1/payments/{id}/cancel"), None).await;
+        assert_eq!((r.status, r.error_code()), (503, Some("channel_unconfirmed")), "{}", r.body);
+        assert_eq!(emu.order(&h.order_no(&id).await).unwrap().cancels, 3);
+        assert_eq!(h.get(&c, &id).await.body["status"], "processing");
+        assert!(h.events_of(&c, &id).await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unionpay_payment_code_is_queried_until_definite_and_never_cancelled() {
+    bounded(async {
+        let cfg = EngineConfig {
+            barcode_poll_ms: 100,
+            barcode_window_ms: 1,
+            ..config()
+        };
+        let h = harness(cfg, true).await;
+        let emu = emulator(ChannelKind::UnionPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        emu.script_amount(1009, never_confirmed(0));
+        let mut ids = Vec::new();
+        // 1002: accepted (00), `05` to two queries, then paid; 1003: the same, then failed;
+        // 1009: `05` to every query.
+        for amount in [1002, 1003, 1009] {
+            let a = h
+                .create(&c, json!({"amount": amount, "currency": "CNY", "out_trade_no": format!("up-code-{amount}"), "subject": "Tea", "method": "unionpay_code", "auth_code": "6223194500000000001"}))
+                .await;
+            assert_eq!(a.body["status"], "processing", "{}", a.body);
+            ids.push(a.body["id"].as_str().unwrap().to_string());
+        }
+        h.wait_status(&c, &ids[0], "succeeded").await;
+        let failed = h.wait_status(&c, &ids[1], "failed").await;
+        assert_eq!(failed.body["failure"]["code"], "01", "{}", failed.body);
+        // Past the window UnionPay is not cancelled (no engine cancel): queried, nothing else.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(h.get(&c, &ids[2]).await.body["status"], "processing");
+        let r = h.post(&c, &format!("/v1/payments/{}/cancel", ids[2]), None).await;
+        assert_eq!((r.status, r.error_code()), (409, Some("cancel_not_supported")), "{}", r.body);
+        for id in &ids {
+            let o = emu.order(&h.order_no(id).await.replace('_', "")).unwrap();
+            assert_eq!(o.cancels, 0, "a revoke was sent for {id}");
+        }
+        assert_eq!(h.events_of(&c, &ids[0]).await, ["payment.succeeded"]);
+        assert_eq!(h.events_of(&c, &ids[1]).await, ["payment.failed"]);
+        assert!(h.alerts("cancel_unconfirmed").await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unionpay_refunds_partial_then_the_rest_are_confirmed_by_the_refund_query() {
+    bounded(async {
+        let h = harness(config(), true).await;
+        let emu = emulator(ChannelKind::UnionPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        let a = h
+            .create(&c, json!({"amount": 1000, "currency": "CNY", "out_trade_no": "up-rf", "subject": "Tea", "method": "unionpay_code", "auth_code": "6223194500000000001"}))
+            .await;
+        assert_eq!(a.body["status"], "processing", "{}", a.body);
+        let id = a.body["id"].as_str().unwrap().to_string();
+        let p = h.wait_status(&c, &id, "succeeded").await;
+        assert!(p.body["channel_trade_no"].is_string(), "the queryId, needed by refunds");
+        let order = h.order_no(&id).await.replace('_', "");
+        let refund = |no: &'static str, amount: i64| {
+            let (h, c, id) = (&h, &c, id.clone());
+            async move {
+                h.post(c, "/v1/refunds", Some(json!({"payment_id": id, "amount": amount, "out_refund_no": no}))).await
+            }
+        };
+        // UnionPay's 00 to a refund only accepts it: processing until the refund query says.
+        let r1 = refund("up-rf-1", 400).await;
+        assert_eq!((r1.status, r1.body["status"].as_str()), (200, Some("processing")), "{}", r1.body);
+        h.wait_refund(&c, r1.body["id"].as_str().unwrap(), "succeeded").await;
+        let r2 = refund("up-rf-2", 600).await;
+        assert_eq!((r2.status, r2.body["status"].as_str()), (200, Some("processing")), "{}", r2.body);
+        let over = refund("up-rf-3", 1).await;
+        assert_eq!((over.status, over.error_code()), (409, Some("refund_exceeds_payment")), "{}", over.body);
+        h.wait_refund(&c, r2.body["id"].as_str().unwrap(), "succeeded").await;
+        let p = h.get(&c, &id).await;
+        assert_eq!((p.body["amount_refunded"].as_i64(), p.body["amount_refundable"].as_i64()), (Some(1000), Some(0)), "{}", p.body);
+        // No notification was delivered (never flushed): the refund status sync did it.
+        assert!(emu.deliveries().is_empty(), "{:?}", emu.deliveries());
+        // UnionPay's books: paid 1000, two refunds of 400 and 600 under our refund ids.
+        let lines: Vec<_> = emu.ledger().into_iter().filter(|l| l.out_trade_no == order).collect();
+        let mut refunds: Vec<(String, i64)> = lines.iter().filter(|l| l.refund).map(|l| (l.out_refund_no.clone(), l.amount_fen)).collect();
+        refunds.sort_by_key(|r| r.1);
+        let want: Vec<(String, i64)> = [(&r1, 400), (&r2, 600)]
+            .iter()
+            .map(|(r, a)| (r.body["id"].as_str().unwrap().replace('_', ""), *a))
+            .collect();
+        assert_eq!(refunds, want);
+        assert_eq!(lines.iter().filter(|l| !l.refund).map(|l| l.amount_fen).sum::<i64>(), 1000);
+        assert_eq!(h.events_of(&c, &id).await, ["payment.succeeded"]);
     })
     .await;
 }

@@ -86,6 +86,9 @@ pub struct QueryRequest {
     pub amount: Money,
     pub channel_trade_no: Option<String>,
     pub submitted_at_ms: i64,
+    /// The order's expiry as sent at submit ([`SubmitRequest::expires_at_ms`]; UnionPay
+    /// `payTimeout`): a connector that infers a close from the channel's records needs it.
+    pub expires_at_ms: i64,
 }
 
 /// Refund (part of) a succeeded attempt, or ask about such a refund.
@@ -365,6 +368,11 @@ pub struct Capabilities {
     /// Wait at least this long after a refund before querying it (Alipay: 10 s).
     pub refund_query_delay_ms: i64,
     pub bills: bool,
+    /// How long after an unpaid order's expiry `close` may still answer unknown before it can
+    /// be definite (UnionPay: until the reconciliation files of the order's days are out). The
+    /// engine's `payment_unresolved` alert waits this much longer. 0 for a channel that closes
+    /// on request.
+    pub close_confirm_delay_ms: i64,
 }
 
 impl Capabilities {
@@ -393,6 +401,7 @@ pub trait Connector: Send + Sync + 'static {
             cancel_window_ms: None,
             refund_query_delay_ms: 0,
             bills: false,
+            close_confirm_delay_ms: 0,
         }
     }
 

@@ -179,6 +179,7 @@ impl Connector for Sandbox {
             amount: req.amount,
             channel_trade_no: None,
             submitted_at_ms: req.submitted_at_ms,
+            expires_at_ms: req.expires_at_ms,
         };
         let outcome = match script(req.amount) {
             Script::HangThenSucceeded => {
@@ -232,6 +233,7 @@ impl Connector for Sandbox {
             cancel_window_ms: Some(24 * 3600 * 1000),
             refund_query_delay_ms: 0,
             bills: false,
+            close_confirm_delay_ms: 0,
         }
     }
 
@@ -270,6 +272,7 @@ impl Connector for Sandbox {
             amount: req.payment_amount,
             channel_trade_no: None,
             submitted_at_ms: req.attempt_id.unix_ms() as i64,
+            expires_at_ms: i64::MAX,
         };
         if !matches!(self.status_now(&q), ChannelOutcome::Succeeded { .. }) {
             return RefundOutcome::Failed {
@@ -352,6 +355,7 @@ mod tests {
             amount: Money::new(amount_minor, Currency::CNY),
             channel_trade_no: None,
             submitted_at_ms,
+            expires_at_ms: submitted_at_ms.saturating_add(1_800_000),
         }
     }
 

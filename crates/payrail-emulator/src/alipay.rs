@@ -95,7 +95,7 @@ impl AlipayEmu {
             .scripts
             .get(no)
             .cloned()
-            .unwrap_or_else(|| crate::Script::for_amount(fen));
+            .unwrap_or_else(|| st.amount_script(fen));
         st.orders.insert(
             no.to_string(),
             Order {
@@ -112,6 +112,7 @@ impl AlipayEmu {
                 script,
                 refunds: Vec::new(),
                 cancels: 0,
+                expires_at_ms: None,
             },
         );
     }
@@ -141,10 +142,8 @@ impl AlipayEmu {
                         0,
                     );
                 };
-                let script = st
-                    .scripts
-                    .entry(no.clone())
-                    .or_insert_with(|| crate::Script::for_amount(fen));
+                let fallback = st.amount_script(fen);
+                let script = st.scripts.entry(no.clone()).or_insert(fallback);
                 if script.server_errors > 0 {
                     script.server_errors -= 1;
                     return (Value::Null, 0);

@@ -104,12 +104,32 @@ pub struct Order {
     pub script: Script,
     pub refunds: Vec<Refund>,
     pub cancels: u32,
+    /// After this the order can no longer be paid (UnionPay `payTimeout`); `None` = no limit
+    /// kept by the emulator (WeChat and Alipay orders are closed by the merchant's close).
+    pub expires_at_ms: Option<i64>,
 }
 
 impl Order {
     pub fn refunded_fen(&self) -> i64 {
         self.refunds.iter().map(|r| r.amount_fen).sum()
     }
+
+    /// Past its `expires_at_ms` at `now_ms`: a payment attempt is refused.
+    pub fn lapsed(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|t| now_ms >= t)
+    }
+}
+
+/// A fault injected into bill downloads, to test the caller's integrity checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillFault {
+    #[default]
+    None,
+    /// The file served differs from the one the (signed) answer's hash was computed over.
+    AlteredFile,
+    /// The (signed) answer carries no hash of the file.
+    NoHash,
 }
 
 /// One line of the channel's ledger, from which bills are written.
@@ -222,6 +242,20 @@ pub struct State {
     pub ledger: Vec<LedgerLine>,
     pending: Vec<Pending>,
     pub deliveries: Vec<Delivery>,
+    pub bill_fault: BillFault,
+    /// Scripts by amount in fen, overriding [`Script::for_amount`] for new orders of that
+    /// amount (for orders whose number is not known in advance).
+    pub amount_scripts: BTreeMap<i64, Script>,
+}
+
+impl State {
+    /// The script of a new order of `amount_fen` that has none of its own.
+    pub fn amount_script(&self, amount_fen: i64) -> Script {
+        self.amount_scripts
+            .get(&amount_fen)
+            .cloned()
+            .unwrap_or_else(|| Script::for_amount(amount_fen))
+    }
 }
 
 /// Bound of one notification delivery (the channels allow 5-10 s).
@@ -268,11 +302,11 @@ impl Core {
     }
 
     pub fn script_for(&self, out_trade_no: &str, amount_fen: i64) -> Script {
-        self.lock()
-            .scripts
+        let st = self.lock();
+        st.scripts
             .get(out_trade_no)
             .cloned()
-            .unwrap_or_else(|| Script::for_amount(amount_fen))
+            .unwrap_or_else(|| st.amount_script(amount_fen))
     }
 
     /// Marks an order paid: ledger line, notification when `notify`.

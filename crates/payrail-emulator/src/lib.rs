@@ -17,8 +17,8 @@ pub mod testkeys;
 pub mod unionpay;
 pub mod wechatpay;
 
+pub use crate::core::{BillFault, Delivery, LedgerLine, Order, Script};
 use crate::core::{Core, NotifyEvent, NotifyProtocol, OrderState, Rendered};
-pub use crate::core::{Delivery, LedgerLine, Order, Script};
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -196,6 +196,17 @@ impl EmulatorHandle {
         scan(&self.core, out_trade_no)
     }
 
+    /// Sets the script of every new order of `amount_fen` that has no script of its own (it
+    /// wins over the amount table): for orders whose number the caller does not know yet.
+    pub fn script_amount(&self, amount_fen: i64, script: Script) {
+        self.core.lock().amount_scripts.insert(amount_fen, script);
+    }
+
+    /// Makes every later bill download faulty (or correct again with [`BillFault::None`]).
+    pub fn bill_fault(&self, fault: BillFault) {
+        self.core.lock().bill_fault = fault;
+    }
+
     /// Moves the emulator's clock and delivers every notification that became due, in order,
     /// before returning.
     pub async fn advance(&self, ms: i64) -> i64 {
@@ -274,6 +285,10 @@ fn scan(core: &Core, out_trade_no: &str) -> Result<(), String> {
         OrderState::Paid => return Ok(()),
         other => return Err(format!("order is {other:?}")),
     }
+    if order.lapsed(core.now_ms()) {
+        // UnionPay: past `payTimeout` the payment is refused; the order stays unpaid.
+        return Err("order lapsed at its payment timeout; the payment is refused".into());
+    }
     if order.script.fail {
         order.exists = true;
         order.state = OrderState::Failed;
@@ -283,9 +298,11 @@ fn scan(core: &Core, out_trade_no: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An order's script (`out_trade_no`), or the script of new orders of an amount (`amount`).
 #[derive(serde::Deserialize)]
 struct ScriptBody {
-    out_trade_no: String,
+    out_trade_no: Option<String>,
+    amount: Option<i64>,
     #[serde(flatten)]
     script: Script,
 }
@@ -301,6 +318,11 @@ struct Url {
 }
 
 #[derive(serde::Deserialize)]
+struct Fault {
+    fault: BillFault,
+}
+
+#[derive(serde::Deserialize)]
 struct Advance {
     ms: i64,
 }
@@ -312,7 +334,20 @@ fn admin_routes(state: AdminState) -> Router {
             "/__admin/script",
             post(
                 |State(s): State<AdminState>, Json(b): Json<ScriptBody>| async move {
-                    s.core.lock().scripts.insert(b.out_trade_no, b.script);
+                    let mut st = s.core.lock();
+                    match (b.out_trade_no, b.amount) {
+                        (Some(no), None) => {
+                            st.scripts.insert(no, b.script);
+                        }
+                        (None, Some(fen)) => {
+                            st.amount_scripts.insert(fen, b.script);
+                        }
+                        _ => {
+                            return Json(
+                                serde_json::json!({"ok": false, "error": "give out_trade_no or amount"}),
+                            )
+                        }
+                    }
                     Json(serde_json::json!({"ok": true}))
                 },
             ),
@@ -327,6 +362,15 @@ fn admin_routes(state: AdminState) -> Router {
                         Ok(()) => serde_json::json!({"ok": true}),
                         Err(e) => serde_json::json!({"ok": false, "error": e}),
                     })
+                },
+            ),
+        )
+        .route(
+            "/__admin/bill-fault",
+            post(
+                |State(s): State<AdminState>, Json(b): Json<Fault>| async move {
+                    s.core.lock().bill_fault = b.fault;
+                    Json(serde_json::json!({"ok": true}))
                 },
             ),
         )

@@ -113,11 +113,13 @@ impl UnionPayEmu {
             .scripts
             .get(&no)
             .cloned()
-            .unwrap_or_else(|| crate::Script::for_amount(fen));
+            .unwrap_or_else(|| st.amount_script(fen));
         let mut extra = BTreeMap::new();
         for k in ["txnTime", "reqReserved"] {
             extra.insert(k.to_string(), req.get(k).cloned().unwrap_or_default());
         }
+        // After `payTimeout` the order can no longer be paid (`scan` refuses).
+        let expires_at_ms = req.get("payTimeout").and_then(|t| crypto::parse_compact(t));
         st.orders.entry(no.clone()).or_insert_with(|| Order {
             out_trade_no: no.clone(),
             amount_fen: fen,
@@ -132,6 +134,7 @@ impl UnionPayEmu {
             script,
             refunds: Vec::new(),
             cancels: 0,
+            expires_at_ms,
         });
         Some(no)
     }
@@ -152,10 +155,8 @@ impl UnionPayEmu {
                 "01" => {
                     let no = req.get("orderId").cloned().unwrap_or_default();
                     let fen: i64 = req.get("txnAmt").and_then(|a| a.parse().ok()).unwrap_or(0);
-                    let script = st
-                        .scripts
-                        .entry(no.clone())
-                        .or_insert_with(|| crate::Script::for_amount(fen));
+                    let fallback = st.amount_script(fen);
+                    let script = st.scripts.entry(no.clone()).or_insert(fallback);
                     if script.server_errors > 0 {
                         script.server_errors -= 1;
                         return (StatusCode::INTERNAL_SERVER_ERROR, "error").into_response();
@@ -305,6 +306,9 @@ impl UnionPayEmu {
         let Some(o) = st.orders.get_mut(&order_id) else {
             return self.answer(req, "34", "查无此交易", &[]);
         };
+        // An order never paid has no transaction at UnionPay: `34`, before its `payTimeout`
+        // and after it alike. ACP has no "closed" answer; only the reconciliation file says
+        // definitely that nothing was paid (docs/channels.md).
         if o.extra.get("txnTime") != Some(&txn_time) || o.state == OrderState::NotPaid {
             return self.answer(req, "34", "查无此交易", &[]);
         }
@@ -426,6 +430,19 @@ impl UnionPayEmu {
         }
         match uri.path() {
             "/gateway/api/frontTransReq.do" => {
+                let now = self.core.now_ms();
+                let timeout = req.get("payTimeout").map(|t| crypto::parse_compact(t));
+                if let Some(t) = timeout {
+                    // A payTimeout that does not parse, or has passed: no cashier.
+                    if t.is_none_or(|t| now >= t) {
+                        return (
+                            StatusCode::OK,
+                            [("Content-Type", "text/html; charset=utf-8")],
+                            "<html><body>交易已超时 (payTimeout passed): the order can no longer be paid</body></html>",
+                        )
+                            .into_response();
+                    }
+                }
                 // The payer's browser reached the cashier: the order exists, unpaid.
                 let mut st = self.core.lock();
                 let no = self

@@ -2,7 +2,7 @@
 //! signed answers, encrypted notifications with the v3 retry schedule, signature probes.
 
 use crate::core::{
-    Core, NotifyEvent, NotifyProtocol, Order, OrderKind, OrderState, Refund, Rendered,
+    BillFault, Core, NotifyEvent, NotifyProtocol, Order, OrderKind, OrderState, Refund, Rendered,
 };
 use crate::crypto::{self, KeyPair, PublicKey};
 use crate::{EmulatorConfig, Protocol};
@@ -167,10 +167,8 @@ impl WechatEmu {
         let code = path_kind == "codepay";
         let (answer, hang) = {
             let mut st = self.core.lock();
-            let script = st
-                .scripts
-                .entry(no.clone())
-                .or_insert_with(|| crate::Script::for_amount(total));
+            let fallback = st.amount_script(total);
+            let script = st.scripts.entry(no.clone()).or_insert(fallback);
             if script.server_errors > 0 {
                 script.server_errors -= 1;
                 return err(StatusCode::INTERNAL_SERVER_ERROR, "SYSTEMERROR", "系统错误");
@@ -206,6 +204,7 @@ impl WechatEmu {
                     script: script.clone(),
                     refunds: Vec::new(),
                     cancels: 0,
+                    expires_at_ms: None,
                 };
                 st.orders.insert(no.clone(), order);
                 if code {
@@ -560,18 +559,29 @@ impl WechatEmu {
                     use sha1::Digest;
                     let file = self.bill(&date);
                     let hash = hex::encode(sha1::Sha1::digest(file.as_bytes()));
+                    let url = format!("{}/v3/billdownload/file?token={date}", self.base_url);
+                    let fault = self.core.lock().bill_fault;
                     (
                         StatusCode::OK,
-                        json!({"hash_type": "SHA1", "hash_value": hash, "download_url": format!("{}/v3/billdownload/file?token={date}", self.base_url)}),
+                        if fault == BillFault::NoHash {
+                            json!({"download_url": url})
+                        } else {
+                            json!({"hash_type": "SHA1", "hash_value": hash, "download_url": url})
+                        },
                     )
                 }
             }
             ("GET", ["v3", "billdownload", "file"]) => {
                 let date = query.get("token").cloned().unwrap_or_default();
+                let mut file = self.bill(&date);
+                if self.core.lock().bill_fault == BillFault::AlteredFile {
+                    // Changed in transit: another WeChat order number, which no total checks.
+                    file = file.replacen("`4200", "`4201", 1);
+                }
                 return (
                     StatusCode::OK,
                     [("Content-Type", "text/plain; charset=utf-8")],
-                    self.bill(&date),
+                    file,
                 )
                     .into_response();
             }

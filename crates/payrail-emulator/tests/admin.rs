@@ -61,6 +61,7 @@ async fn script_scan_clock_orders_and_deliveries_over_http() {
             amount: r.amount,
             channel_trade_no: None,
             submitted_at_ms: START_MS,
+            expires_at_ms: START_MS + 1_800_000,
         };
         assert_eq!(pay.query(&q).await.label(), "processing");
         assert_eq!(pay.query(&q).await.label(), "closed");

@@ -61,6 +61,7 @@ fn q(r: &SubmitRequest) -> QueryRequest {
         amount: r.amount,
         channel_trade_no: None,
         submitted_at_ms: r.submitted_at_ms,
+        expires_at_ms: r.expires_at_ms,
     }
 }
 

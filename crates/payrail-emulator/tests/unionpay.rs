@@ -62,6 +62,7 @@ fn q(r: &SubmitRequest, trade_no: Option<String>) -> QueryRequest {
         amount: r.amount,
         channel_trade_no: trade_no,
         submitted_at_ms: r.submitted_at_ms,
+        expires_at_ms: r.expires_at_ms,
     }
 }
 
@@ -450,5 +451,81 @@ bounded!(
             .lines
             .iter()
             .any(|l| l.status == "S30" && l.channel_trade_no == tb));
+    }
+);
+
+fn web_form(res: SubmitResponse) -> (String, Vec<(String, String)>) {
+    let Some(NextAction::PostForm { url, fields }) = res.next_action else {
+        panic!("{res:?}")
+    };
+    (url, fields)
+}
+
+async fn post_form(url: &str, fields: &[(String, String)]) -> String {
+    reqwest::Client::new()
+        .post(url)
+        .form(fields)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+bounded!(
+    an_unpaid_gateway_order_lapses_at_pay_timeout_and_close_confirms_it_from_the_files,
+    async {
+        let h = harness().await;
+        // START is 2026-11-22 10:00 Beijing; the orders expire at 10:30.
+        let unpaid = submit(PaymentMethod::UnionpayWeb, 1000);
+        let (url, fields) = web_form(h.pay.submit(&unpaid).await);
+        assert!(fields
+            .iter()
+            .any(|(k, v)| k == "payTimeout" && v == "20261122103000"));
+        assert!(post_form(&url, &fields).await.contains("cashier"));
+        let paid = submit(PaymentMethod::UnionpayWeb, 1000);
+        let (_, paid_fields) = web_form(h.pay.submit(&paid).await);
+        post_form(&url, &paid_fields).await;
+        h.emu
+            .scan(&paid.attempt_id.to_string().replace('_', ""))
+            .unwrap();
+        let no = unpaid.attempt_id.to_string().replace('_', "");
+        let unknown = |o: ChannelOutcome| match o {
+            ChannelOutcome::Unknown { reason } => reason,
+            other => panic!("{other:?}"),
+        };
+
+        // Before payTimeout the payer may still pay: no close.
+        let why = unknown(h.pay.close(&q(&unpaid, None)).await);
+        assert!(why.contains("reconciliation file"), "{why}");
+        // After it UnionPay refuses the payment and a new cashier, yet its query still says
+        // "no such transaction" (34): unknown, as before.
+        h.emu.advance(30 * 60_000).await;
+        assert!(h.emu.scan(&no).is_err());
+        assert!(post_form(&url, &fields).await.contains("payTimeout"));
+        assert_eq!(h.pay.query(&q(&unpaid, None)).await.label(), "unknown");
+        // The next morning the order's day is out, but a consume after 23:00 would settle on
+        // the next day, whose file is not: still unknown.
+        h.emu.advance(86_400_000).await;
+        let why = unknown(h.pay.close(&q(&unpaid, None)).await);
+        assert!(why.contains("2026-11-23"), "{why}");
+        // A day later both are out and neither lists it: closed, definitely.
+        h.emu.advance(86_400_000).await;
+        assert_eq!(h.pay.close(&q(&unpaid, None)).await, ChannelOutcome::Closed);
+        // The paid order is reported as paid, never closed.
+        assert_eq!(h.pay.close(&q(&paid, None)).await.label(), "succeeded");
+        // A query that misses a paid order (here: another txnTime) cannot close it either: the
+        // file lists it.
+        let mut missed = q(&paid, None);
+        missed.submitted_at_ms += 1_000;
+        assert_eq!(h.pay.query(&missed).await.label(), "unknown");
+        let why = unknown(h.pay.close(&missed).await);
+        assert!(why.contains("lists the order as paid"), "{why}");
+        // An order span longer than any payment's is left to a person.
+        let mut long = q(&unpaid, None);
+        long.expires_at_ms = long.submitted_at_ms + 30 * 86_400_000;
+        let why = unknown(h.pay.close(&long).await);
+        assert!(why.contains("by hand"), "{why}");
     }
 );

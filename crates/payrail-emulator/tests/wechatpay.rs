@@ -67,6 +67,7 @@ fn q(r: &SubmitRequest) -> QueryRequest {
         amount: r.amount,
         channel_trade_no: None,
         submitted_at_ms: r.submitted_at_ms,
+        expires_at_ms: r.expires_at_ms,
     }
 }
 
@@ -540,3 +541,39 @@ bounded!(
         assert_eq!(bill.summary.fee_total, cny(6 + 15 - 2));
     }
 );
+
+bounded!(
+    bill_whose_file_does_not_match_its_signed_sha1_is_refused,
+    async {
+        let h = harness().await;
+        let a = submit(PaymentMethod::WechatCode, 1000);
+        h.pay.submit(&a).await;
+        let day = beijing_date(h.emu.now_ms());
+        h.emu.advance(86_400_000).await;
+        // Changed in transit (another WeChat order number: no total catches it): refused.
+        h.emu.bill_fault(payrail_emulator::BillFault::AlteredFile);
+        assert!(
+            matches!(h.pay.download_bill(day).await, Err(BillError::Corrupt(ref m)) if m.contains("SHA-1")),
+            "an altered bill file was accepted"
+        );
+        // The same file as signed: accepted.
+        h.emu.bill_fault(payrail_emulator::BillFault::None);
+        let bill = h.pay.download_bill(day).await.unwrap();
+        assert_eq!(bill.lines.len(), 1);
+    }
+);
+
+// Bug: the SHA-1 check ran only when the answer carried `hash_type` SHA1 and a `hash_value`;
+// an answer without them let any file through unchecked (the file itself is not signed).
+bounded!(wechat_bill_without_a_hash_is_refused, async {
+    let h = harness().await;
+    let a = submit(PaymentMethod::WechatCode, 1000);
+    h.pay.submit(&a).await;
+    let day = beijing_date(h.emu.now_ms());
+    h.emu.advance(86_400_000).await;
+    h.emu.bill_fault(payrail_emulator::BillFault::NoHash);
+    assert!(
+        matches!(h.pay.download_bill(day).await, Err(BillError::Corrupt(ref m)) if m.contains("SHA-1")),
+        "a bill without a hash to check was accepted"
+    );
+});

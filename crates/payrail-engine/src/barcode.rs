@@ -4,11 +4,13 @@
 //! confirming (WeChat USERPAYING, Alipay 10003, UnionPay 05) or nothing definite at all. Then:
 //! query every `barcode_poll_ms`; once `barcode_window_ms` has passed since submission without
 //! a definite answer, query one last time and cancel the order at the channel (WeChat reverse,
-//! Alipay cancel, UnionPay revoke), repeating while the channel asks to retry
-//! (`recall=Y`/`retry_flag=Y`), at most `CANCEL_CALLS_MAX` times. A cancelled order cannot be
-//! paid any more, and one the payer did pay is refunded by the channel. Unknown is never
-//! failure: without a definite cancel the job keeps asking, and raises `payment_unresolved`
-//! once it is long overdue.
+//! Alipay cancel), repeating while the channel asks to retry (`recall=Y`/`retry_flag=Y`), at
+//! most `CANCEL_CALLS_MAX` times, then raising `cancel_unconfirmed`. A cancelled order cannot
+//! be paid any more, and one the payer did pay is refunded by the channel. UnionPay payment
+//! codes are not cancelled (its revoke voids only a successful consume; `capabilities()` says
+//! `cancel: false`): they are queried until definite, and a success stays `succeeded` — the
+//! merchant refunds it if it no longer wants it. Unknown is never failure: without a definite
+//! answer the job keeps asking, and raises `payment_unresolved` once it is long overdue.
 //!
 //! A merchant may also cancel an open payment (`POST /v1/payments/{id}/cancel`), for example a
 //! cashier who gives up; a finished payment is refunded, not cancelled.
@@ -24,7 +26,7 @@ use std::time::Instant;
 
 /// Cancel calls for one payment before a person must look (the channel kept asking to retry).
 pub const CANCEL_CALLS_MAX: i64 = 10;
-/// Pause before repeating a cancel the channel asked us to retry.
+/// Pause before repeating a cancel the channel asked us to retry (never longer than the poll).
 const CANCEL_RETRY_MS: i64 = 1_000;
 
 pub fn is_payment_code(p: &PaymentRecord) -> bool {
@@ -124,7 +126,7 @@ impl Engine {
                     return Ok(());
                 }
                 if matches!(c, CancelOutcome::Retry { .. }) {
-                    next_ms = CANCEL_RETRY_MS;
+                    next_ms = CANCEL_RETRY_MS.min(self.config.barcode_poll_ms);
                 }
                 last = format!("cancel {}", cancel_as_outcome(&c).label());
             } else {
@@ -180,19 +182,24 @@ impl Engine {
     }
 
     /// Cancel calls made so far for a job's payment: the runs past the window (each run past it
-    /// makes one call).
+    /// makes one call). Run k comes k polls after submission, so the first run past the window
+    /// is run ⌈window / poll⌉ and the runs before it make no call.
     fn cancel_calls(&self, job: &JobRecord) -> i64 {
-        let polls_in_window = self
+        let poll = self.config.barcode_poll_ms.max(1);
+        let first_past_window = self
             .config
             .barcode_window_ms
-            .checked_div(self.config.barcode_poll_ms.max(1))
-            .unwrap_or(0);
-        job.attempts
-            .saturating_sub(polls_in_window.saturating_add(1))
             .max(0)
+            .saturating_add(poll.saturating_sub(1))
+            .checked_div(poll)
+            .unwrap_or(0)
+            .max(1);
+        // The current run is number `attempts`; the calls so far are those of the runs before it
+        // from the first past the window on.
+        job.attempts.saturating_sub(first_past_window).max(0)
     }
 
-    /// The merchant cancels an open payment at the channel (reverse/revoke/cancel). Cancelling
+    /// The merchant cancels an open payment at the channel (WeChat reverse, Alipay cancel). Cancelling
     /// a cancelled payment is a no-op; a finished one cannot be cancelled (refund it instead).
     pub async fn cancel_payment(
         &self,

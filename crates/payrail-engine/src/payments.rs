@@ -532,6 +532,7 @@ impl Engine {
             amount: Money::new(p.amount_minor, currency),
             channel_trade_no: a.channel_trade_no.clone(),
             submitted_at_ms: a.created_at_ms,
+            expires_at_ms: p.expires_at_ms,
         })
     }
 
@@ -550,11 +551,11 @@ impl Engine {
 
     /// Delay before the n-th status query (n starts at 1): first delay, doubling, capped.
     pub fn sync_backoff_ms(&self, n: i64) -> i64 {
-        let shift = u32::try_from(n.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
-        self.config
-            .sync_first_delay_ms
-            .saturating_mul(1i64 << shift)
-            .min(self.config.sync_max_delay_ms)
+        backoff_ms(
+            self.config.sync_first_delay_ms,
+            self.config.sync_max_delay_ms,
+            n,
+        )
     }
 
     /// One run of a status-sync job: ask the channel (or close the order once expired), apply
@@ -611,7 +612,13 @@ impl Engine {
         let updated = self.apply_outcome(payment, attempt, &outcome).await?;
         if !updated.status.is_terminal() {
             let overdue_ms = now.saturating_sub(updated.expires_at_ms);
-            if overdue_ms >= self.config.unresolved_alert_after_ms {
+            // A channel that can only confirm a close some time after expiry (UnionPay, from
+            // its reconciliation files) gets that much longer before a person is called.
+            let alert_after_ms = self
+                .config
+                .unresolved_alert_after_ms
+                .saturating_add(connector.capabilities().close_confirm_delay_ms.max(0));
+            if overdue_ms >= alert_after_ms {
                 // The status-sync job keeps asking (unknown is never failure), but a payment
                 // this long past its expiry without a definite answer needs a person.
                 let raised = self
@@ -834,5 +841,53 @@ impl Engine {
                 })
             })
             .collect()
+    }
+}
+
+/// The status-sync schedule: `first_delay_ms · 2^(n-1)`, at most `max_delay_ms` (n < 1 counts as
+/// 1; the doubling stops at 2^30 and saturates).
+pub fn backoff_ms(first_delay_ms: i64, max_delay_ms: i64, n: i64) -> i64 {
+    let shift = u32::try_from(n.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+    first_delay_ms
+        .saturating_mul(1i64 << shift)
+        .min(max_delay_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_ms;
+
+    #[test]
+    fn sync_backoff_doubles_from_the_first_delay_up_to_the_cap() {
+        // The defaults: 5 s first, 5 min cap.
+        let (first, cap) = (5_000, 300_000);
+        let table: &[(i64, i64)] = &[
+            (i64::MIN, 5_000),
+            (-1, 5_000),
+            (0, 5_000),
+            (1, 5_000),
+            (2, 10_000),
+            (3, 20_000),
+            (4, 40_000),
+            (5, 80_000),
+            (6, 160_000),
+            (7, 300_000), // 320 s, capped
+            (8, 300_000),
+            (31, 300_000),
+            (64, 300_000), // the shift stops at 30: no overflow
+            (i64::MAX, 300_000),
+        ];
+        for &(n, want) in table {
+            assert_eq!(backoff_ms(first, cap, n), want, "n = {n}");
+        }
+        // Never shrinks, never passes the cap.
+        for n in 1..100 {
+            let (a, b) = (backoff_ms(first, cap, n), backoff_ms(first, cap, n + 1));
+            assert!(a <= b && b <= cap, "n = {n}: {a} then {b}");
+        }
+        // A huge first delay saturates instead of overflowing; a first delay above the cap is
+        // the cap.
+        assert_eq!(backoff_ms(i64::MAX / 2, i64::MAX, 3), i64::MAX);
+        assert_eq!(backoff_ms(10_000, 4_000, 1), 4_000);
     }
 }

@@ -222,6 +222,7 @@ impl Connector for WalletConnector {
             cancel_window_ms: None,
             refund_query_delay_ms: 0,
             bills: false,
+            close_confirm_delay_ms: 0,
         }
     }
 

@@ -135,7 +135,7 @@ pub async fn run(args: EmulateArgs) -> Result<()> {
         "channel account request body (with the merchant key; keep it private): {}",
         account_file.display()
     );
-    println!("admin: POST /__admin/script, /__admin/scan, /__admin/clock/advance; GET /__admin/clock, /__admin/orders/{{no}}, /__admin/deliveries");
+    println!("admin: POST /__admin/script, /__admin/scan, /__admin/clock/advance, /__admin/bill-fault; GET /__admin/clock, /__admin/orders/{{no}}, /__admin/deliveries");
     // The emulator's clock follows the wall clock (notifications carry current timestamps and
     // retries come on the channel's real schedule); /__admin/clock/advance still jumps ahead.
     let ticker = {

@@ -230,6 +230,7 @@ impl Connector for Alipay {
             cancel_window_ms: Some(24 * 3600 * 1000),
             refund_query_delay_ms: 10_000,
             bills: true,
+            close_confirm_delay_ms: 0,
         }
     }
 

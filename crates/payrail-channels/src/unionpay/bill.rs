@@ -153,3 +153,305 @@ pub fn parse_acomn(date: Date, text: &str) -> Result<Bill, BillError> {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const MER: &str = "777290058110048";
+
+    /// One ACOMN line: the fields padded to their widths, one space apart (the layout the
+    /// emulator writes and real files start with).
+    fn line(fields: [&str; 12]) -> String {
+        fields
+            .iter()
+            .zip(WIDTHS)
+            .map(|(f, w)| format!("{f:<w$}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn consume(order: &str, query_id: &str, fen: &str, fee: &str, time: &str) -> String {
+        line([
+            "S22",
+            "00010000",
+            "00010000",
+            "000001",
+            time,
+            "6216***********0018",
+            fen,
+            MER,
+            order,
+            query_id,
+            "",
+            fee,
+        ])
+    }
+
+    fn refund(code: &str, order: &str, query_id: &str, orig: &str, fen: &str, fee: &str) -> String {
+        line([
+            code,
+            "00010000",
+            "00010000",
+            "000002",
+            "1122150000",
+            "6216***********0018",
+            fen,
+            MER,
+            order,
+            query_id,
+            orig,
+            fee,
+        ])
+    }
+
+    fn date(y: i32, m: u8, d: u8) -> Date {
+        Date::from_ymd(y, m, d).unwrap()
+    }
+
+    /// fileContent as UnionPay sends it: base64 of a zlib stream of a zip holding `name`.
+    fn file_content(name: &str, text: &str) -> String {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        zip.start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(text.as_bytes()).unwrap();
+        let zipped = zip.finish().unwrap().into_inner();
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&zipped).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(z.finish().unwrap())
+    }
+
+    #[test]
+    fn lines_kinds_fees_and_summary() {
+        let text = [
+            consume(
+                "att01A",
+                "Q1",
+                "000000001000",
+                "D000000000006",
+                "1122100000",
+            ),
+            consume(
+                "att01B",
+                "Q2",
+                "000000002550",
+                "D000000000015",
+                "1122110000",
+            ),
+            refund("R22", "rfd01C", "Q3", "Q1", "000000000400", "C000000000002"),
+            refund(
+                "S30",
+                "att01BC",
+                "Q4",
+                "Q2",
+                "000000002550",
+                "C000000000015",
+            ),
+            String::new(),
+        ]
+        .join("\r\n");
+        let bill = parse_acomn(date(2026, 11, 22), &text).unwrap();
+        assert_eq!(bill.lines.len(), 4, "the blank line is skipped");
+        let cny = |a| Money::new(a, Currency::CNY);
+        let a = &bill.lines[0];
+        assert_eq!(
+            (
+                a.kind,
+                a.out_trade_no.as_str(),
+                a.channel_trade_no.as_str(),
+                a.amount,
+                a.fee,
+                a.status.as_str()
+            ),
+            (
+                BillLineKind::Payment,
+                "att01A",
+                "Q1",
+                cny(1000),
+                cny(6),
+                "S22"
+            )
+        );
+        assert_eq!(a.channel_refund_no, None);
+        assert_eq!(
+            a.occurred_at_ms,
+            common::beijing_ms("20261122100000").unwrap()
+        );
+        // A refund names its own order (the refund id) and the consume's query id.
+        let r = &bill.lines[2];
+        assert_eq!(
+            (
+                r.kind,
+                r.out_trade_no.as_str(),
+                r.channel_trade_no.as_str(),
+                r.out_refund_no.as_deref(),
+                r.channel_refund_no.as_deref(),
+                r.amount,
+                r.fee
+            ),
+            (
+                BillLineKind::Refund,
+                "",
+                "Q1",
+                Some("rfd01C"),
+                Some("Q3"),
+                cny(400),
+                cny(-2)
+            )
+        );
+        assert_eq!(
+            bill.lines[3].kind,
+            BillLineKind::Refund,
+            "a revoke is a refund"
+        );
+        assert_eq!(
+            bill.summary,
+            BillSummary {
+                payment_count: 2,
+                payment_total: cny(3550),
+                refund_count: 2,
+                refund_total: cny(2950),
+                fee_total: cny(6 + 15 - 2 - 15),
+            }
+        );
+        let empty = parse_acomn(date(2026, 11, 22), "").unwrap();
+        assert_eq!((empty.lines.len(), empty.summary.payment_count), (0, 0));
+    }
+
+    #[test]
+    fn a_december_line_in_a_january_file_is_last_year() {
+        let text = consume(
+            "att01A",
+            "Q1",
+            "000000000100",
+            "D000000000001",
+            "1231235959",
+        );
+        let bill = parse_acomn(date(2027, 1, 1), &text).unwrap();
+        assert_eq!(
+            bill.lines[0].occurred_at_ms,
+            common::beijing_ms("20261231235959").unwrap()
+        );
+        let text = consume(
+            "att01A",
+            "Q1",
+            "000000000100",
+            "D000000000001",
+            "0101000001",
+        );
+        let bill = parse_acomn(date(2027, 1, 1), &text).unwrap();
+        assert_eq!(
+            bill.lines[0].occurred_at_ms,
+            common::beijing_ms("20270101000001").unwrap()
+        );
+    }
+
+    #[test]
+    fn corrupt_lines_are_refused() {
+        let d = date(2026, 11, 22);
+        let good = consume(
+            "att01A",
+            "Q1",
+            "000000001000",
+            "D000000000006",
+            "1122100000",
+        );
+        let cases = [
+            ("short", good[..40].to_string()),
+            ("unknown code", good.replacen("S22", "X99", 1)),
+            (
+                "amount",
+                consume(
+                    "att01A",
+                    "Q1",
+                    "00000000A000",
+                    "D000000000006",
+                    "1122100000",
+                ),
+            ),
+            (
+                "fee sign",
+                consume(
+                    "att01A",
+                    "Q1",
+                    "000000001000",
+                    "X000000000006",
+                    "1122100000",
+                ),
+            ),
+            (
+                "fee digits",
+                consume(
+                    "att01A",
+                    "Q1",
+                    "000000001000",
+                    "D00000000000x",
+                    "1122100000",
+                ),
+            ),
+            (
+                "time",
+                consume(
+                    "att01A",
+                    "Q1",
+                    "000000001000",
+                    "D000000000006",
+                    "1322100000",
+                ),
+            ),
+        ];
+        for (what, text) in cases {
+            assert!(
+                matches!(parse_acomn(d, &text), Err(BillError::Corrupt(_))),
+                "{what}: {text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn file_content_is_base64_zlib_zip_with_the_merchants_entry() {
+        let d = date(2026, 11, 22);
+        let text = consume(
+            "att01A",
+            "Q1",
+            "000000001000",
+            "D000000000006",
+            "1122100000",
+        );
+        let content = file_content(&format!("INN26112288ZM_{MER}"), &text);
+        let bill = parse_file_content(d, MER, &content).unwrap();
+        assert_eq!(bill.lines.len(), 1);
+        assert_eq!(bill.lines[0].out_trade_no, "att01A");
+        // Another merchant's or another day's entry is not this bill.
+        for name in [
+            format!("INN26112288ZM_{}", "777290058110049"),
+            format!("INN26112188ZM_{MER}"),
+        ] {
+            let other = file_content(&name, &text);
+            assert!(
+                matches!(
+                    parse_file_content(d, MER, &other),
+                    Err(BillError::Corrupt(_))
+                ),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            parse_file_content(d, MER, "not base64 !"),
+            Err(BillError::Corrupt(_))
+        ));
+        let not_zlib = base64::engine::general_purpose::STANDARD.encode(b"plain text");
+        assert!(matches!(
+            parse_file_content(d, MER, &not_zlib),
+            Err(BillError::Corrupt(_))
+        ));
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(b"not a zip").unwrap();
+        let not_zip = base64::engine::general_purpose::STANDARD.encode(z.finish().unwrap());
+        assert!(matches!(
+            parse_file_content(d, MER, &not_zip),
+            Err(BillError::Corrupt(_))
+        ));
+    }
+}

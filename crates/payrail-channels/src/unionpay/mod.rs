@@ -2,6 +2,15 @@
 //! payment-code consume, query with `origRespCode`, revoke, refund, back-URL notifications and
 //! the reconciliation file.
 //!
+//! ACP has no close. An unpaid gateway order lapses at its `payTimeout` (UnionPay refuses to
+//! take the payment after it), but nothing in the query says so: an order never paid answers
+//! `34` (查无此交易, no such transaction) before and after `payTimeout` — the same answer as an
+//! order UnionPay never received — and a debit that arrives late is `42`, not a closed order.
+//! What the protocol does state definitely is the reconciliation file: every successful
+//! consume is in the file of its settlement date. So `close` reports `closed` only when the
+//! query finds no such transaction *and* the files of every settlement date the order could
+//! have been paid on (its day through the day after `payTimeout`) are out and none lists it.
+//!
 //! Limits: the UnionPay public key is configured directly (the `signPubKeyCert` chain in
 //! answers is not walked), and the signing key is a PEM key (convert the `.pfx` with
 //! `openssl pkcs12 -nocerts -nodes`). See docs/channels.md.
@@ -40,7 +49,18 @@ pub struct UnionPay {
     signer: RsaSigner,
     verifier: RsaVerifier,
     http: reqwest::Client,
+    /// Order ids of the successful consumes in each reconciliation file read so far (a file,
+    /// once out, never changes), so many lapsed orders of one day fetch it once.
+    settled: std::sync::Mutex<BTreeMap<Date, Arc<std::collections::HashSet<String>>>>,
 }
+
+/// Reconciliation dates whose consume order ids are kept in memory.
+const SETTLED_DATES_MAX: usize = 8;
+/// Most reconciliation files one close reads: a 7-day order spans 8 days, plus the day after.
+const CLOSE_FILE_DAYS_MAX: i64 = 10;
+/// How long after `payTimeout` a close may stay unconfirmed: the file of the day after the
+/// order's last day comes out the morning after that day (about 2 days 10 h at worst).
+pub const CLOSE_CONFIRM_DELAY_MS: i64 = 3 * 24 * 3600 * 1000;
 
 const FRONT: &str = "/gateway/api/frontTransReq.do";
 const BACK: &str = "/gateway/api/backTransReq.do";
@@ -84,6 +104,7 @@ impl UnionPay {
             signer,
             verifier,
             http,
+            settled: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -176,6 +197,81 @@ impl UnionPay {
         }
         Ok(answer)
     }
+
+    fn map_query_answer(a: &Fields) -> ChannelOutcome {
+        let paid_at = opt(a, "txnTime").and_then(|s| common::beijing_ms(&s));
+        t::map_query(
+            get(a, "respCode"),
+            a.get("origRespCode").map(String::as_str),
+            get(a, "origRespMsg"),
+            opt(a, "queryId"),
+            paid_at,
+        )
+    }
+
+    /// `Ok` only if every reconciliation file that could list a consume of `order_id` is out
+    /// and none does: settlement dates from the order's Beijing day through the day after its
+    /// `payTimeout` (a consume after 23:00 settles the next day). The last file first: until it
+    /// is out, the others are not worth fetching.
+    async fn confirm_never_paid(&self, order_id: &str, req: &QueryRequest) -> Result<(), String> {
+        let day = |ms: i64| common::beijing(ms).map(|d| d.date);
+        let (Some(first), Some(expiry)) = (day(req.submitted_at_ms), day(req.expires_at_ms)) else {
+            return Err("order times out of range".into());
+        };
+        let last = expiry.add_days(1).map_err(|e| e.to_string())?;
+        let span = last
+            .days_since_epoch()
+            .saturating_sub(first.days_since_epoch());
+        if !(0..CLOSE_FILE_DAYS_MAX).contains(&span) {
+            return Err(format!("order spans {span} days; check it by hand"));
+        }
+        let mut d = last;
+        loop {
+            let paid = self.settled_orders(d).await.map_err(|e| match e {
+                BillError::NotReady => format!(
+                    "an unpaid order lapses at its payTimeout; waiting for the reconciliation file of {d} to confirm it was never paid"
+                ),
+                other => format!("reconciliation file of {d}: {other}"),
+            })?;
+            if paid.contains(order_id) {
+                return Err(format!(
+                    "the reconciliation file of {d} lists the order as paid, but the query finds no such transaction"
+                ));
+            }
+            if d == first {
+                return Ok(());
+            }
+            d = d.add_days(-1).map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// The order ids of the successful consumes in the reconciliation file of `date`.
+    async fn settled_orders(
+        &self,
+        date: Date,
+    ) -> Result<Arc<std::collections::HashSet<String>>, BillError> {
+        let lock = || match self.settled.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(hit) = lock().get(&date) {
+            return Ok(hit.clone());
+        }
+        let bill = self.download_bill(date).await?;
+        let ids: Arc<std::collections::HashSet<String>> = Arc::new(
+            bill.lines
+                .into_iter()
+                .filter(|l| l.kind == BillLineKind::Payment)
+                .map(|l| l.out_trade_no)
+                .collect(),
+        );
+        let mut cache = lock();
+        cache.insert(date, ids.clone());
+        while cache.len() > SETTLED_DATES_MAX {
+            cache.pop_first();
+        }
+        Ok(ids)
+    }
 }
 
 fn get<'a>(f: &'a Fields, k: &str) -> &'a str {
@@ -195,11 +291,12 @@ impl Connector for UnionPay {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             methods: vec![
-                // No close: an unpaid gateway order lapses at its payTimeout. No cancel for the
-                // engine either: revoke voids only a *successful* consume (its queryId, the
+                // No close call: an unpaid gateway order lapses at its payTimeout, and `close`
+                // confirms that from the reconciliation files (module comment). No cancel for
+                // the engine either: revoke voids only a *successful* consume (its queryId, the
                 // same day) — an inconclusive one is refused — and its `00` only acknowledges
-                // the request. So an inconclusive payment is queried until definite, and a
-                // success is refunded, not revoked. (`Connector::cancel` still speaks revoke.)
+                // the request. So an inconclusive payment-code payment is queried until
+                // definite. (`Connector::cancel` still speaks revoke.)
                 MethodCapability {
                     method: PaymentMethod::UnionpayWeb,
                     close: false,
@@ -220,6 +317,7 @@ impl Connector for UnionPay {
             cancel_window_ms: Some(24 * 3600 * 1000),
             refund_query_delay_ms: 0,
             bills: true,
+            close_confirm_delay_ms: CLOSE_CONFIRM_DELAY_MS,
         }
     }
 
@@ -300,26 +398,38 @@ impl Connector for UnionPay {
             .await
         {
             Err(reason) => ChannelOutcome::unknown(format!("unionpay: {reason}")),
-            Ok(a) => {
-                let paid_at = opt(&a, "txnTime").and_then(|s| common::beijing_ms(&s));
-                t::map_query(
-                    get(&a, "respCode"),
-                    a.get("origRespCode").map(String::as_str),
-                    get(&a, "origRespMsg"),
-                    opt(&a, "queryId"),
-                    paid_at,
-                )
-            }
+            Ok(a) => Self::map_query_answer(&a),
         }
     }
 
-    /// UnionPay has no close: report what a query says if it is definite, else unknown.
+    /// UnionPay has no close: a definite query answer is reported as it is (a payment made
+    /// meanwhile is `succeeded`, never closed); "no such transaction" becomes `closed` only once
+    /// the reconciliation files confirm the order was never paid (module comment); anything
+    /// else is unknown.
     async fn close(&self, req: &QueryRequest) -> ChannelOutcome {
-        match self.query(req).await {
-            definite if definite.is_definite() => definite,
-            _ => ChannelOutcome::unknown(
-                "unionpay: no close; an unpaid order lapses at its payTimeout",
-            ),
+        let order_id = compact_id(&req.attempt_id);
+        let answer = match self
+            .query_order(order_id.clone(), req.submitted_at_ms)
+            .await
+        {
+            Err(reason) => return ChannelOutcome::unknown(format!("unionpay: {reason}")),
+            Ok(a) => a,
+        };
+        if !t::is_not_found(get(&answer, "respCode")) {
+            return match Self::map_query_answer(&answer) {
+                definite if definite.is_definite() => definite,
+                ChannelOutcome::Unknown { reason } => {
+                    ChannelOutcome::unknown(format!("{reason}; unionpay has no close"))
+                }
+                other => ChannelOutcome::unknown(format!(
+                    "unionpay: no close; the order is {} at UnionPay",
+                    other.label()
+                )),
+            };
+        }
+        match self.confirm_never_paid(&order_id, req).await {
+            Ok(()) => ChannelOutcome::Closed,
+            Err(reason) => ChannelOutcome::unknown(format!("unionpay: {reason}")),
         }
     }
 

@@ -24,12 +24,24 @@ fn is_unknown(code: &str) -> bool {
     !is_definite_failure(code)
 }
 
-/// Codes that are an explicit refusal of the transaction.
+/// Codes that are an explicit refusal of the transaction. Not in it, although they sit in the
+/// issuer range 60–79: `70` (交易已跳转，等待持卡人输入: waiting for the cardholder), `74`
+/// (扣款成功，销账未知: debited, outcome unknown) and `75` (扣款成功，销账失败: debited, not
+/// written off) — money may have moved, so they are unknown; and `42` (扣款成功但交易超过规定
+/// 支付时间: debited after `payTimeout`) is unknown too.
 fn is_definite_failure(code: &str) -> bool {
     matches!(
         code,
         "01" | "11" | "13" | "30" | "31" | "32" | "33" | "35" | "36" | "38" | "39"
-    ) || code.parse::<u8>().is_ok_and(|n| (60..=79).contains(&n))
+    ) || code
+        .parse::<u8>()
+        .is_ok_and(|n| (60..=79).contains(&n) && !matches!(n, 70 | 74 | 75))
+}
+
+/// The query answer "no such transaction": UnionPay has no record of the order (never
+/// received, or the payer never paid it). Unknown by itself; see `UnionPay::close`.
+pub fn is_not_found(resp_code: &str) -> bool {
+    resp_code == "34"
 }
 
 fn failed(code: &str, msg: &str) -> ChannelOutcome {
@@ -226,6 +238,38 @@ mod tests {
                 "{c}"
             );
         }
+    }
+
+    /// Bug: the whole issuer range 60–79 was read as a definite failure, including `70`
+    /// (waiting for the cardholder's input), `74` (debited, write-off unknown) and `75`
+    /// (debited, write-off failed). A payment the payer was charged for would have been
+    /// `failed` (no money moved) and the order released.
+    #[test]
+    fn unionpay_debited_or_waiting_codes_are_not_failures() {
+        for c in ["70", "74", "75", "42"] {
+            assert_eq!(map_consume(c, "", None).label(), "unknown", "consume {c}");
+            assert_eq!(
+                map_query("00", Some(c), "", None, None).label(),
+                "unknown",
+                "query {c}"
+            );
+            assert_eq!(map_refund(c, "", None).label(), "unknown", "refund {c}");
+            assert!(
+                matches!(map_revoke(c, ""), CancelOutcome::Unknown { .. }),
+                "revoke {c}"
+            );
+        }
+        // The rest of the issuer range still refuses.
+        for c in ["60", "61", "64", "65", "69", "71", "73", "76", "77", "79"] {
+            assert_eq!(map_consume(c, "", None).label(), "failed", "consume {c}");
+            assert_eq!(
+                map_query("00", Some(c), "", None, None).label(),
+                "failed",
+                "query {c}"
+            );
+        }
+        assert!(is_not_found("34"));
+        assert!(!is_not_found("00") && !is_not_found("35"));
     }
 
     #[test]

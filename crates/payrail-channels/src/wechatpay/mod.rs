@@ -276,6 +276,7 @@ impl Connector for WechatPay {
             cancel_window_ms: Some(7 * 24 * 3600 * 1000),
             refund_query_delay_ms: 0,
             bills: true,
+            close_confirm_delay_ms: 0,
         }
     }
 
@@ -668,8 +669,10 @@ impl Connector for WechatPay {
                 file.status
             )));
         }
-        if let (Some(kind), Some(want)) = (meta.hash_type.as_deref(), meta.hash_value.as_deref()) {
-            if kind.eq_ignore_ascii_case("SHA1") {
+        // The signed answer's hash is the only thing that binds the unsigned file: without a
+        // SHA-1 to check (missing, or another algorithm) the file is not trusted.
+        match (meta.hash_type.as_deref(), meta.hash_value.as_deref()) {
+            (Some(kind), Some(want)) if kind.eq_ignore_ascii_case("SHA1") => {
                 use sha1::Digest;
                 let got = hex::encode(sha1::Sha1::digest(&file.body));
                 if !got.eq_ignore_ascii_case(want) {
@@ -677,6 +680,12 @@ impl Connector for WechatPay {
                         "SHA-1 of the file does not match".into(),
                     ));
                 }
+            }
+            (kind, _) => {
+                return Err(BillError::Corrupt(format!(
+                    "the bill answer gives no SHA-1 to check the file against (hash_type {})",
+                    kind.unwrap_or("missing")
+                )))
             }
         }
         bill::parse(date, &file.body)
