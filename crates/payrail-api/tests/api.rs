@@ -2803,9 +2803,48 @@ both!(
             "{alerts:?}"
         );
         // The first definite answer stands.
+        let p = h.get(&c, &format!("/v1/payments/{id}")).await;
+        assert_eq!(p.body["status"], "succeeded");
+        // The money the channel gave back is recorded as a refund that succeeded, and taken
+        // back from the merchant's balance (review finding: the payment's net stayed in pending
+        // and would have been settled to the merchant).
+        let refunds = h.get(&c, &format!("/v1/refunds?payment_id={id}")).await;
+        let data = refunds.body["data"].as_array().unwrap().clone();
+        assert_eq!(data.len(), 1, "{}", refunds.body);
+        assert_eq!(data[0]["out_refund_no"], format!("reversal-{id}"));
         assert_eq!(
-            h.get(&c, &format!("/v1/payments/{id}")).await.body["status"],
-            "succeeded"
+            (data[0]["status"].as_str(), data[0]["amount"].as_i64()),
+            (Some("succeeded"), Some(1000))
         );
+        assert_eq!(
+            h.get(&c, &format!("/v1/payments/{id}")).await.body["amount_refunded"],
+            1000
+        );
+        let balance = h.get(&c, "/v1/balance").await;
+        assert_eq!(balance.body["pending"][0]["amount"], 0, "{}", balance.body);
+        // A second confirmation of the same reversal records nothing more.
+        let p = h
+            .engine
+            .store
+            .get_payment_any(id.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        let again = h.engine.record_channel_reversal(&p).await.unwrap();
+        assert_eq!(
+            again.map(|r| r.out_refund_no),
+            Some(format!("reversal-{id}"))
+        );
+        assert_eq!(
+            h.get(&c, &format!("/v1/refunds?payment_id={id}"))
+                .await
+                .body["data"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        let check = h.engine.store.check_ledger().await.unwrap();
+        assert!(check.ok(), "{check:?}");
     }
 );

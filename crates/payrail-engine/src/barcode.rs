@@ -159,8 +159,10 @@ impl Engine {
     /// A cancel the channel confirmed for a payment that succeeded meanwhile (the payer
     /// confirmed while the cancel was in flight): the channel has handed the money back, so the
     /// merchant must not deliver. The status stays `succeeded` (the first definite answer wins,
-    /// and `apply_outcome` raised `channel_conflict`); this raises the specific alert and
-    /// refuses the merchant's cancel with a code that says so.
+    /// and `apply_outcome` raised `channel_conflict`); the money the channel returned is
+    /// recorded as a refund that succeeded (`Engine::record_channel_reversal`: its posting takes
+    /// it back from the merchant's balance, and the merchant gets `refund.succeeded`); this
+    /// raises the specific alert and refuses the merchant's cancel with a code that says so.
     async fn check_reversed_after_success(
         &self,
         p: &PaymentRecord,
@@ -170,11 +172,19 @@ impl Engine {
             return Ok(());
         }
         tracing::error!(payment_id = %p.id, "the channel reversed a payment that had succeeded; do not deliver");
+        let recorded = self.record_channel_reversal(p).await?;
+        let detail = match &recorded {
+            Some(r) => format!(
+                "the channel confirmed a cancel (reverse/revoke) of this succeeded payment: the payer was refunded by the channel; recorded as refund {} ({} minor units) and taken back from the merchant's balance",
+                r.id, r.amount_minor
+            ),
+            None => "the channel confirmed a cancel (reverse/revoke) of this succeeded payment: the payer was refunded by the channel; reconcile by hand".into(),
+        };
         self.store
             .insert_alert_once(&AlertRecord {
                 kind: "payment_reversed_after_success".into(),
                 subject_id: p.id.to_string(),
-                detail: "the channel confirmed a cancel (reverse/revoke) of this succeeded payment: the payer was refunded by the channel; reconcile by hand".into(),
+                detail,
                 created_at_ms: self.now_ms(),
             })
             .await?;

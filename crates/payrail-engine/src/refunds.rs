@@ -431,6 +431,94 @@ impl Engine {
         })))
     }
 
+    /// Records money the channel itself gave back to the payer for a succeeded payment — a
+    /// cancel (reverse/revoke) that the channel confirmed after the payer had paid — as a
+    /// refund that already succeeded: the rest of the payment not yet refunded or reserved, out
+    /// refund number `reversal-{payment}`. Its transaction posts the refund entry like any
+    /// refund's (pending first, then available, then suspense with an alert), so the merchant
+    /// is not settled money the platform no longer holds (review finding: the payment's net was
+    /// still settled to the merchant). Idempotent: a second call finds the refund by its out
+    /// refund number and does nothing. Returns the refund, if one was (or had been) recorded.
+    pub async fn record_channel_reversal(
+        &self,
+        payment: &PaymentRecord,
+    ) -> Result<Option<RefundRecord>, EngineError> {
+        let out_refund_no = format!("reversal-{}", payment.id);
+        if let Some(existing) = self
+            .store
+            .get_refund_by_out_refund_no(payment.merchant_id, &out_refund_no)
+            .await?
+        {
+            return Ok(Some(existing));
+        }
+        let current = self
+            .store
+            .get_payment_any(payment.id)
+            .await?
+            .ok_or(EngineError::NotFound("payment"))?;
+        let amount_minor = current
+            .amount_minor
+            .saturating_sub(current.refund_reserved_minor);
+        if current.status != PaymentStatus::Succeeded || amount_minor <= 0 {
+            return Ok(None);
+        }
+        let attempt = self.succeeded_attempt(&current).await?;
+        let now = self.now_ms();
+        let refund = RefundRecord {
+            id: self.ids.next(),
+            payment_id: current.id,
+            attempt_id: attempt.id,
+            merchant_id: current.merchant_id,
+            app_id: current.app_id,
+            out_refund_no,
+            amount_minor,
+            currency: current.currency.clone(),
+            reason: Some("the channel reversed the payment after it succeeded".into()),
+            channel: attempt.channel.clone(),
+            status: RefundStatus::Processing,
+            version: 1,
+            channel_refund_no: None,
+            failure_code: None,
+            failure_message: None,
+            notify_url: current.notify_url.clone(),
+            metadata: "{}".into(),
+            idempotency_key: None,
+            request_hash: None,
+            requested_at_ms: now,
+            refunded_at_ms: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let new = NewRefund {
+            refund: refund.clone(),
+            max_refunds: None,
+            job: None,
+            admission: None,
+        };
+        match self.store.create_refund(&new).await? {
+            CreateRefundOutcome::Created => {}
+            CreateRefundOutcome::DuplicateOutRefundNo(existing) => return Ok(Some(*existing)),
+            // Another refund reserved the rest meanwhile: it is that refund's to post.
+            CreateRefundOutcome::Refused(_) => return Ok(None),
+            CreateRefundOutcome::NotAdmitted(_) => {
+                return Err(EngineError::Internal(
+                    "a reversal has no admission to refuse".into(),
+                ))
+            }
+        }
+        // Nothing to call: the channel has already handed the money back.
+        let refund = self
+            .apply_refund_outcome(
+                refund,
+                &RefundOutcome::Succeeded {
+                    channel_refund_no: current.channel_trade_no.clone(),
+                    refunded_at_ms: Some(now),
+                },
+            )
+            .await?;
+        Ok(Some(refund))
+    }
+
     /// Why the write refused a reservation, from the payment row it read in that write.
     fn refusal_reason(
         &self,
