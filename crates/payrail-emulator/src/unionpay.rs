@@ -305,6 +305,10 @@ impl UnionPayEmu {
         let Some(o) = st.orders.get_mut(&order_id) else {
             return self.answer(req, "34", "查无此交易", &[]);
         };
+        if o.script.query_errors > 0 {
+            o.script.query_errors -= 1;
+            return (StatusCode::INTERNAL_SERVER_ERROR, "error").into_response();
+        }
         if o.extra.get("txnTime") != Some(&txn_time) || o.state == OrderState::NotPaid {
             return self.answer(req, "34", "查无此交易", &[]);
         }

@@ -540,3 +540,13 @@ bounded!(
         assert_eq!(bill.summary.fee_total, cny(6 + 15 - 2));
     }
 );
+
+bounded!(query_5xx_is_unknown_and_the_next_query_answers, async {
+    let h = harness().await;
+    // Amount ..09: the first two status queries get HTTP 500; the order itself is paid.
+    let r = submit(PaymentMethod::WechatCode, 1009);
+    assert_eq!(h.pay.submit(&r).await.outcome.label(), "succeeded");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "succeeded");
+});
