@@ -4,238 +4,16 @@
 //! to `/v1/channel-notify/{account}`. Every test is bounded in time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use payrail_client::{nonce, Answer, Credentials, PayrailClient};
-use payrail_domain::{Clock, PaymentId, SystemClock};
-use payrail_emulator::{ChannelKind, EmulatorConfig, EmulatorHandle};
-use payrail_engine::{crypto::MasterKey, Engine, EngineConfig};
+mod common;
+
+use common::*;
+use payrail_client::nonce;
+use payrail_emulator::ChannelKind;
+use payrail_engine::EngineConfig;
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
-
-const TEST_BOUND: Duration = Duration::from_secs(30);
-
-struct H {
-    client: PayrailClient,
-    op: String,
-    engine: Arc<Engine>,
-    base: String,
-    _stop: watch::Sender<bool>,
-}
-
-fn config() -> EngineConfig {
-    EngineConfig {
-        channel_timeout_ms: 2_000,
-        sync_first_delay_ms: 100,
-        sync_max_delay_ms: 400,
-        worker_poll_ms: 20,
-        barcode_poll_ms: 100,
-        barcode_window_ms: 60_000,
-        ..EngineConfig::default()
-    }
-}
-
-async fn harness(config: EngineConfig, worker: bool) -> H {
-    harness_full(config, worker, false).await
-}
-
-async fn harness_full(mut config: EngineConfig, worker: bool, webhooks: bool) -> H {
-    let dir = std::env::temp_dir().join(format!("payrail-channels-test-{}", nonce()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}", dir.join("payrail.db").display());
-    let store = payrail_store::open(&url).await.unwrap();
-    // Bound first: channels must be told where to send their notifications.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    config.public_url = base.clone();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let mut channels = payrail_channels::Registry::new();
-    channels.register(Arc::new(payrail_channels::sandbox::Sandbox::new(
-        clock.clone(),
-    )));
-    let key = MasterKey::parse(&MasterKey::generate_hex()).unwrap();
-    let engine = Arc::new(Engine::new(store, channels, clock, key, config));
-    let op = format!("op_test_{}", nonce());
-    engine
-        .ensure_operator_token(Some(&payrail_domain::Secret::new(op.clone())))
-        .await
-        .unwrap();
-    let (stop, stop_rx) = watch::channel(false);
-    let app = payrail_api::app(engine.clone());
-    let mut rx = stop_rx.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.changed().await;
-            })
-            .await
-            .unwrap();
-    });
-    if worker {
-        tokio::spawn(payrail_engine::worker::run_sync_worker(
-            engine.clone(),
-            stop_rx.clone(),
-        ));
-    }
-    if webhooks {
-        tokio::spawn(payrail_engine::webhooks::run_webhook_dispatcher(
-            engine.clone(),
-            stop_rx.clone(),
-        ));
-        tokio::spawn(payrail_engine::webhooks::run_webhook_sender(
-            engine.clone(),
-            stop_rx,
-        ));
-    }
-    H {
-        client: PayrailClient::new(&base),
-        op,
-        engine,
-        base,
-        _stop: stop,
-    }
-}
-
-async fn emulator(kind: ChannelKind) -> EmulatorHandle {
-    payrail_emulator::spawn(EmulatorConfig::for_tests(kind))
-        .await
-        .unwrap()
-}
-
-/// The body that creates a channel account for `emu` (its endpoint, ids and test keys).
-fn account_body(emu: &EmulatorHandle, name: &str, priority: i64) -> Value {
-    let merchant_key = payrail_emulator::testkeys::MERCHANT_PRIVATE_PEM;
-    match emu.config.channel {
-        ChannelKind::WechatPay => json!({
-            "channel": "wechatpay", "name": name, "priority": priority,
-            "config": {
-                "base_url": emu.base_url, "mchid": emu.config.merchant_id, "appid": emu.config.app_id,
-                "merchant_serial_no": "3775B6A45ACD588826D15E583A95F5DD00000000",
-                "platform_public_key": emu.public_key_pem, "platform_serial": emu.config.platform_serial,
-                "timeout_ms": 5000
-            },
-            "secrets": {"merchant_private_key": merchant_key, "api_v3_key": emu.config.api_v3_key}
-        }),
-        ChannelKind::Alipay => json!({
-            "channel": "alipay", "name": name, "priority": priority,
-            "config": {
-                "gateway_url": format!("{}/gateway.do", emu.base_url), "app_id": emu.config.merchant_id,
-                "alipay_public_key": emu.public_key_pem, "timeout_ms": 5000
-            },
-            "secrets": {"app_private_key": merchant_key}
-        }),
-        ChannelKind::UnionPay => json!({
-            "channel": "unionpay", "name": name, "priority": priority,
-            "config": {
-                "base_url": emu.base_url, "mer_id": emu.config.merchant_id, "cert_id": "69629715588",
-                "unionpay_public_key": emu.public_key_pem, "timeout_ms": 5000
-            },
-            "secrets": {"signing_key": merchant_key}
-        }),
-    }
-}
-
-impl H {
-    async fn account(&self, emu: &EmulatorHandle) -> String {
-        let body = account_body(emu, "test account", 0);
-        let a = self
-            .client
-            .operator(
-                &self.op,
-                Method::POST,
-                "/v1/operator/channel-accounts",
-                Some(&body),
-                Some(&nonce()),
-            )
-            .await
-            .unwrap();
-        assert_eq!(a.status, 201, "{}", a.body);
-        a.body["id"].as_str().unwrap().to_string()
-    }
-
-    async fn merchant(&self) -> Credentials {
-        self.client.onboard(&self.op, "Shop").await.unwrap().1
-    }
-
-    async fn create(&self, c: &Credentials, body: Value) -> Answer {
-        self.client
-            .signed(
-                c,
-                Method::POST,
-                "/v1/payments",
-                Some(&body.to_string()),
-                Some(&nonce()),
-            )
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, c: &Credentials, id: &str) -> Answer {
-        self.client
-            .signed(c, Method::GET, &format!("/v1/payments/{id}"), None, None)
-            .await
-            .unwrap()
-    }
-
-    /// The channel's order number of a payment: its attempt id.
-    async fn order_no(&self, payment_id: &str) -> String {
-        let id: PaymentId = payment_id.parse().unwrap();
-        let attempts = self.engine.store.get_attempts(id).await.unwrap();
-        attempts.last().unwrap().id.to_string()
-    }
-
-    /// Polls the payment until its status is `want` (bounded).
-    async fn wait_status(&self, c: &Credentials, id: &str, want: &str) -> Answer {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let p = self.get(c, id).await;
-            if p.body["status"] == want {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "payment {id} is still {} (wanted {want})",
-                p.body["status"]
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn alerts(&self, kind: &str) -> Vec<payrail_store::AlertRecord> {
-        self.engine
-            .store
-            .list_alerts(100)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|a| a.kind == kind)
-            .collect()
-    }
-
-    /// Posts a rendered notification to an account's endpoint, as the channel would.
-    async fn post_notification(
-        &self,
-        account: &str,
-        r: &payrail_emulator::core::Rendered,
-    ) -> (u16, String) {
-        let mut req = reqwest::Client::new()
-            .post(format!("{}/v1/channel-notify/{account}", self.base))
-            .header("content-type", r.content_type)
-            .body(r.body.clone());
-        for (k, v) in &r.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let resp = req.send().await.unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
-    }
-}
-
-async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
-    tokio::time::timeout(TEST_BOUND, f)
-        .await
-        .expect("test took too long");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wechat_qr_payment_completes_by_signed_notification() {
@@ -286,16 +64,6 @@ async fn wechat_qr_payment_completes_by_signed_notification() {
         assert!(probe >= 400, "the signature probe must be refused, got {probe}");
     })
     .await;
-}
-
-async fn c_merchant(h: &H, c: &Credentials) -> payrail_domain::MerchantId {
-    h.engine
-        .store
-        .get_app_by_key_id(&c.key_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .merchant_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,30 +384,6 @@ async fn refunds_through_the_channels_never_exceed_the_payment() {
         }
     })
     .await;
-}
-
-/// Every delivery a webhook receiver got: headers and body.
-type Deliveries = Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
-
-/// A merchant's webhook endpoint: records every delivery, answers 200.
-async fn webhook_receiver() -> (String, Deliveries) {
-    let got: Deliveries = Arc::default();
-    let g = got.clone();
-    let app = axum::Router::new().fallback(
-        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-            let g = g.clone();
-            async move {
-                g.lock().unwrap().push((headers, body.to_vec()));
-                axum::http::StatusCode::OK
-            }
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/payrail/webhooks", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (url, got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
