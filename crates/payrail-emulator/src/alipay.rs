@@ -198,6 +198,13 @@ impl AlipayEmu {
                 (v, script.hang_ms)
             }
             "alipay.trade.query" => {
+                // Before the existence check: a gateway error says nothing about the trade.
+                if let Some(o) = st.orders.get_mut(&no) {
+                    if o.script.query_errors > 0 {
+                        o.script.query_errors -= 1;
+                        return (Value::Null, 0);
+                    }
+                }
                 let Some(o) = st.orders.get_mut(&no).filter(|o| o.exists) else {
                     return (fail("ACQ.TRADE_NOT_EXIST", "交易不存在"), 0);
                 };

@@ -24,6 +24,9 @@ pub struct Script {
     pub hang_ms: u64,
     /// Answer the first N order-creating calls with HTTP 500 without doing anything.
     pub server_errors: u32,
+    /// Answer the first N status queries of the order with HTTP 500 (the order is untouched:
+    /// what it is, the next query after them tells).
+    pub query_errors: u32,
     /// Send every notification twice.
     pub duplicate_notify: bool,
     /// After the payment notification, send a later one that contradicts it (closed/failed).
@@ -36,7 +39,8 @@ impl Script {
     /// The amount scripts (last two digits of the amount in fen):
     /// `01` fail, `02` paying for 2 queries then paid, `03` paying for 2 queries then failed,
     /// `04` hang the submit 30 s after succeeding, `05` one HTTP 500 first, `06` duplicate
-    /// notifications, `07` a conflicting later notification, `08` first cancel says retry.
+    /// notifications, `07` a conflicting later notification, `08` first cancel says retry,
+    /// `09` the first two status queries get HTTP 500.
     pub fn for_amount(amount_fen: i64) -> Script {
         let mut s = Script::default();
         match amount_fen.rem_euclid(100) {
@@ -51,6 +55,7 @@ impl Script {
             6 => s.duplicate_notify = true,
             7 => s.conflicting_notify = true,
             8 => s.cancel_retries = 1,
+            9 => s.query_errors = 2,
             _ => {}
         }
         s

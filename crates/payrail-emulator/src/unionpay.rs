@@ -309,6 +309,10 @@ impl UnionPayEmu {
         // An order never paid has no transaction at UnionPay: `34`, before its `payTimeout`
         // and after it alike. ACP has no "closed" answer; only the reconciliation file says
         // definitely that nothing was paid (docs/channels.md).
+        if o.script.query_errors > 0 {
+            o.script.query_errors -= 1;
+            return (StatusCode::INTERNAL_SERVER_ERROR, "error").into_response();
+        }
         if o.extra.get("txnTime") != Some(&txn_time) || o.state == OrderState::NotPaid {
             return self.answer(req, "34", "查无此交易", &[]);
         }

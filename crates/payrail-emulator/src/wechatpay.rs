@@ -260,6 +260,10 @@ impl WechatEmu {
         let Some(o) = st.orders.get_mut(no) else {
             return err(StatusCode::NOT_FOUND, "ORDER_NOT_EXIST", "订单不存在");
         };
+        if o.script.query_errors > 0 {
+            o.script.query_errors -= 1;
+            return err(StatusCode::INTERNAL_SERVER_ERROR, "SYSTEMERROR", "系统错误");
+        }
         if let OrderState::Paying(n) = o.state {
             if n > 0 {
                 o.state = OrderState::Paying(n - 1);

@@ -483,3 +483,13 @@ bounded!(bill_zip_gbk_with_refunds_and_totals, async {
         "TABs stripped"
     );
 });
+
+bounded!(query_5xx_is_unknown_and_the_next_query_answers, async {
+    let h = harness().await;
+    // Amount ..09: the first two status queries get HTTP 500; the order itself is paid.
+    let r = submit(PaymentMethod::AlipayCode, 1009);
+    assert_eq!(h.pay.submit(&r).await.outcome.label(), "succeeded");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "succeeded");
+});

@@ -529,3 +529,21 @@ bounded!(
         assert!(why.contains("by hand"), "{why}");
     }
 );
+
+bounded!(query_5xx_is_unknown_and_the_next_query_answers, async {
+    let h = harness().await;
+    // Amount ..09: the first two status queries get HTTP 500; the order itself is paid.
+    let r = submit(PaymentMethod::UnionpayCode, 1009);
+    assert_eq!(h.pay.submit(&r).await.outcome.label(), "processing");
+    assert_eq!(
+        h.pay.query(&q(&r, None)).await.label(),
+        "unknown",
+        "HTTP 500"
+    );
+    assert_eq!(
+        h.pay.query(&q(&r, None)).await.label(),
+        "unknown",
+        "HTTP 500"
+    );
+    assert_eq!(h.pay.query(&q(&r, None)).await.label(), "succeeded");
+});

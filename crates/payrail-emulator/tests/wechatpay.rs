@@ -577,3 +577,13 @@ bounded!(wechat_bill_without_a_hash_is_refused, async {
         "a bill without a hash to check was accepted"
     );
 });
+
+bounded!(query_5xx_is_unknown_and_the_next_query_answers, async {
+    let h = harness().await;
+    // Amount ..09: the first two status queries get HTTP 500; the order itself is paid.
+    let r = submit(PaymentMethod::WechatCode, 1009);
+    assert_eq!(h.pay.submit(&r).await.outcome.label(), "succeeded");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
+    assert_eq!(h.pay.query(&q(&r)).await.label(), "succeeded");
+});
