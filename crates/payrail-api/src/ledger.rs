@@ -83,8 +83,13 @@ impl Query {
             limit: 10,
             params: Vec::new(),
         };
-        for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        // Percent-decoded (review finding: `prefix=merchant_pending%3A…` matched nothing).
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(q.unwrap_or("")).map_err(|_| {
+                ApiError::invalid("parameter_invalid", "the query string is not URL-encoded")
+            })?;
+        for (k, v) in &pairs {
+            let (k, v) = (k.as_str(), v.as_str());
             if k == "limit" {
                 out.limit = v
                     .parse::<u32>()
@@ -320,13 +325,19 @@ fn local_time(ms: i64, offset_minutes: i64) -> String {
 }
 
 /// The statement: one line per payment and refund, then the totals; amounts in minor units.
-/// `net` of the total line is what the settlement entry moved from pending to available.
+/// `net` of the total line is what the settlement entry moved from pending to available. A
+/// refund's `net` is the part taken from pending (netted in this batch); what a refund took
+/// from the available balance or, when the merchant could not cover it, from suspense is in
+/// `from_available` / `from_suspense`, so every refund line adds up: amount − fee = net +
+/// from_available + from_suspense (review finding: those parts were missing).
 fn statement(r: &SettlementRecord, p: &[StatementPayment], rf: &[StatementRefund]) -> String {
-    let mut out = String::from("type,id,out_no,payment_id,cleared_at,amount,fee,net\n");
+    let mut out = String::from(
+        "type,id,out_no,payment_id,cleared_at,amount,fee,net,from_available,from_suspense\n",
+    );
     for l in p {
         let c = &l.clearing;
         out.push_str(&format!(
-            "payment,{},{},{},{},{},{},{}\n",
+            "payment,{},{},{},{},{},{},{},0,0\n",
             c.payment_id,
             l.out_trade_no,
             c.payment_id,
@@ -339,7 +350,7 @@ fn statement(r: &SettlementRecord, p: &[StatementPayment], rf: &[StatementRefund
     for l in rf {
         let c = &l.clearing;
         out.push_str(&format!(
-            "refund,{},{},{},{},{},{},{}\n",
+            "refund,{},{},{},{},{},{},{},{},{}\n",
             c.refund_id,
             l.out_refund_no,
             c.payment_id,
@@ -347,10 +358,12 @@ fn statement(r: &SettlementRecord, p: &[StatementPayment], rf: &[StatementRefund
             c.amount_minor.saturating_neg(),
             c.fee_refund_minor.saturating_neg(),
             c.from_pending_minor.saturating_neg(),
+            c.from_available_minor.saturating_neg(),
+            c.from_suspense_minor.saturating_neg(),
         ));
     }
     out.push_str(&format!(
-        "total,{},,,{},{},{},{}\n",
+        "total,{},,,{},{},{},{},,\n",
         r.id,
         r.business_day,
         r.gross_minor.saturating_sub(r.refunded_minor),

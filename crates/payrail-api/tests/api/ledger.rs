@@ -550,7 +550,7 @@ both!(
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "type,id,out_no,payment_id,cleared_at,amount,fee,net"
+            "type,id,out_no,payment_id,cleared_at,amount,fee,net,from_available,from_suspense"
         );
         assert_eq!(
             lines.iter().filter(|l| l.starts_with("payment,")).count(),
@@ -571,6 +571,14 @@ both!(
             );
         }
         assert_eq!(col(total, 7), pending_22);
+        // Every line adds up: amount − fee = net + from_available + from_suspense.
+        for l in &body_lines {
+            assert_eq!(
+                col(l, 5) - col(l, 6),
+                col(l, 7) + col(l, 8) + col(l, 9),
+                "{l}"
+            );
+        }
         let entry = h
             .engine
             .store
@@ -798,6 +806,19 @@ both!(
         )
         .await;
         assert_eq!(suspense.body["data"][0]["balance"], 60, "{}", suspense.body);
+        // Query values are percent-decoded (review finding: an encoded ':' matched nothing).
+        let encoded = op(
+            &h,
+            Method::GET,
+            "/v1/operator/ledger/accounts?prefix=suspense%3A",
+            None,
+        )
+        .await;
+        assert_eq!(
+            encoded.body["data"], suspense.body["data"],
+            "{}",
+            encoded.body
+        );
         let fees = op(
             &h,
             Method::GET,
