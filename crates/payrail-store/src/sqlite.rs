@@ -178,12 +178,26 @@ impl SqliteStore {
         orx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Returns once every write committed before the call, by any connection of this
-    /// process, is on disk. Reads whose results leave the process (outbox events) call this
-    /// first, because a reader may see a commit up to one fsync before it is durable
-    /// (see `writer.rs`).
+    /// Returns once every write committed before the call — by any connection, of this
+    /// process or another — is on disk: an empty write through the pipeline, whose sync covers
+    /// every frame in the WAL before it. A reader may see a commit up to one fsync before it is
+    /// durable (see `writer.rs`), so reads whose results leave the process use
+    /// [`Self::read_durable`].
     pub(crate) async fn durable(&self) -> Result<()> {
         self.write(|_| Ok(())).await
+    }
+
+    /// A read whose rows leave the process (outbox events): read, then pass a durability
+    /// barrier before handing them out. Everything the read saw was committed before the
+    /// barrier's empty write entered the writer, so it is on disk once the barrier returns
+    /// (review finding: a barrier *before* the read let rows committed after it through).
+    pub(crate) async fn read_durable<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let out = self.read(f).await?;
+        self.durable().await?;
+        Ok(out)
     }
 
     pub(crate) async fn read<R: Send + 'static>(
@@ -1091,8 +1105,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<EventRecord>> {
         // Events leave the process from here (the feed, the events API): durable ones only.
-        self.durable().await?;
-        self.read(move |c| {
+        self.read_durable(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
                     "SELECT {EVENT_COLS} FROM outbox WHERE merchant_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
@@ -1321,6 +1334,37 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Acquire),
             before
         );
+    }
+
+    /// A barrier must sync whatever anyone committed since the last sync: another process's
+    /// commits (here a second store on the same file) and DDL, neither of which moves this
+    /// process's `total_changes` (review finding: the skip keyed on it acknowledged them
+    /// unsynced).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_barrier_syncs_other_connections_commits_and_ddl() {
+        let a = Arc::new(temp_store());
+        let path = a.readers.path.clone();
+        let b = SqliteStore::open(&path).unwrap();
+        a.write(insert_setting("a1".into())).await.unwrap();
+        let syncs = || a.health.syncs.load(std::sync::atomic::Ordering::Acquire);
+        let before = syncs();
+        a.durable().await.unwrap();
+        assert_eq!(syncs(), before, "nothing new: no sync");
+        b.write(insert_setting("b1".into())).await.unwrap();
+        a.durable().await.unwrap();
+        assert_eq!(
+            syncs(),
+            before + 1,
+            "another connection's commit must be synced"
+        );
+        let before = syncs();
+        a.write(|c| {
+            c.execute_batch("CREATE TABLE ddl_only (x INTEGER)")
+                .map_err(db_err)
+        })
+        .await
+        .unwrap();
+        assert_eq!(syncs(), before + 1, "a DDL commit must be synced");
     }
 
     /// fsyncgate: after a failed sync nothing can be trusted to be on disk, so the write is

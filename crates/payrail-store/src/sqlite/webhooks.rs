@@ -78,8 +78,7 @@ fn schedule_job(c: &Connection, event_id: &str, run_at_ms: i64, earlier_only: bo
 impl WebhookStore for SqliteStore {
     async fn list_outbox(&self, after_seq: i64, limit: u32) -> Result<Vec<EventRecord>> {
         // Events leave the process from here (webhooks, the feed): durable ones only.
-        self.durable().await?;
-        self.read(move |c| {
+        self.read_durable(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
                     "SELECT {EVENT_COLS} FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2"
@@ -95,8 +94,7 @@ impl WebhookStore for SqliteStore {
 
     async fn outbox_head(&self) -> Result<i64> {
         // A position handed out must not be reused by another event after a crash.
-        self.durable().await?;
-        self.read(|c| {
+        self.read_durable(|c| {
             c.query_row("SELECT COALESCE(MAX(seq), 0) FROM outbox", [], |r| r.get(0))
                 .map_err(db_err)
         })
@@ -110,8 +108,7 @@ impl WebhookStore for SqliteStore {
     ) -> Result<Option<EventRecord>> {
         let id = id.to_string();
         let merchant = merchant_id.map(|m| m.to_string());
-        self.durable().await?;
-        self.read(move |c| {
+        self.read_durable(move |c| {
             c.prepare_cached(&format!(
                 "SELECT {EVENT_COLS} FROM outbox WHERE id = ?1 AND (?2 IS NULL OR merchant_id = ?2)"
             ))
@@ -127,8 +124,7 @@ impl WebhookStore for SqliteStore {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<EventRecord>> {
-        self.durable().await?;
-        self.read(move |c| {
+        self.read_durable(move |c| {
             let mut s = c
                 .prepare_cached(&format!(
                     "SELECT {EVENT_COLS} FROM outbox WHERE merchant_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"

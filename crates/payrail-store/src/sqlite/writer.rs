@@ -51,9 +51,6 @@ pub(super) type WriteJob = Box<dyn FnOnce(Result<&Connection, &str>) -> Reply + 
 /// A committed batch on its way to disk.
 struct Committed {
     replies: Vec<Reply>,
-    /// `sqlite3_total_changes` of the writer after this commit: equal to the last synced count
-    /// means this process has written nothing since, so there is nothing to sync.
-    changes: u64,
 }
 
 /// What the syncer tells the writer when it is free again.
@@ -112,10 +109,11 @@ pub(super) fn start(
     let syncer = Syncer {
         wal_path: wal_path(db_path),
         wal: None,
-        synced_changes: conn.total_changes(),
+        synced_version: None,
         ckpt,
         last_checkpoint: std::time::Instant::now(),
         restarting: false,
+        hold_at_frames: WAL_RESTART_FRAMES,
     };
     let health = Arc::new(Health::default());
     let (tx, rx) = mpsc::channel::<WriterMsg>(WRITE_QUEUE_MAX);
@@ -187,6 +185,10 @@ impl Writer {
         loop {
             if !self.replies.is_empty() && !self.syncer_busy {
                 self.commit();
+                if !self.syncer_busy && self.holding {
+                    // The syncer is gone (the send failed): no `Done` will ever come.
+                    self.holding = false;
+                }
                 continue;
             }
             if !open && self.replies.is_empty() && !self.syncer_busy {
@@ -207,6 +209,8 @@ impl Writer {
                         self.holding = true;
                         // Even an empty commit: the syncer checkpoints after it.
                         self.commit();
+                        // The syncer is gone if it did not take the batch.
+                        self.holding = self.syncer_busy;
                     }
                     None => {
                         // The syncer is gone: it only stops when its channel closes.
@@ -271,6 +275,11 @@ impl Writer {
     /// Commits the open transaction, if any (its frames reach the WAL, unsynced), and hands its
     /// replies to the syncer.
     fn commit(&mut self) {
+        if !self.replies.is_empty() && self.health.failed.load(Ordering::Acquire) {
+            // A sync failed while this batch was executing: nothing more goes to the WAL
+            // (review finding: the batch was still committed, visible, and might survive).
+            self.fail_open_batch(STORE_FAILED);
+        }
         if !self.replies.is_empty() {
             if let Err(e) = self.conn.execute_batch("COMMIT") {
                 // Nothing of this batch is in the WAL: its callers may hear so at once.
@@ -282,12 +291,13 @@ impl Writer {
         }
         let batch = Committed {
             replies: std::mem::replace(&mut self.replies, Vec::with_capacity(WRITE_BATCH_MAX)),
-            changes: self.conn.total_changes(),
         };
         match self.sync_tx.send(batch) {
             Ok(()) => self.syncer_busy = true,
             Err(std_mpsc::SendError(batch)) => {
-                // Say so rather than claim durability nobody checked.
+                // Say so rather than claim durability nobody checked, and refuse everything
+                // after (the run loop stops on `failed`).
+                self.health.failed.store(true, Ordering::Release);
                 for reply in batch.replies {
                     reply(Err("the database syncer stopped".to_string()));
                 }
@@ -299,14 +309,22 @@ impl Writer {
 /// The syncer thread's state: makes committed batches durable, answers them, and checkpoints.
 struct Syncer {
     wal_path: PathBuf,
-    wal: Option<(File, u64)>,
-    /// The writer's `total_changes` at the last sync.
-    synced_changes: u64,
-    /// Connection used only for checkpoints.
+    wal: Option<HeldWal>,
+    /// `PRAGMA data_version` of the syncer's own connection read just before the last
+    /// successful sync: it changes whenever any other connection, in this process or another,
+    /// commits (DDL included), and the syncer's connection commits nothing itself. Unchanged
+    /// means nothing was committed since that sync, so there is nothing to sync (empty
+    /// durability barriers). Review finding: the writer's `total_changes` missed other
+    /// processes' commits and DDL.
+    synced_version: Option<i64>,
+    /// Connection used for checkpoints and `data_version`.
     ckpt: Connection,
     last_checkpoint: std::time::Instant,
     /// The writer holds; checkpoint after this batch and let it go.
     restarting: bool,
+    /// WAL frames at which the next hold is asked for: raised when a restart did not happen
+    /// (a reader pinned the WAL), so the writer is not stopped every checkpoint for nothing.
+    hold_at_frames: i64,
 }
 
 impl Syncer {
@@ -317,7 +335,7 @@ impl Syncer {
         health: &Health,
     ) {
         while let Ok(batch) = rx.recv() {
-            let outcome = self.sync(batch.changes, health);
+            let outcome = self.sync(health);
             for reply in batch.replies {
                 reply(outcome.clone());
             }
@@ -332,12 +350,17 @@ impl Syncer {
         }
     }
 
-    fn sync(&mut self, changes: u64, health: &Health) -> std::result::Result<(), String> {
+    fn sync(&mut self, health: &Health) -> std::result::Result<(), String> {
         if health.failed.load(Ordering::Acquire) {
             return Err(STORE_FAILED.to_string());
         }
-        if changes == self.synced_changes {
-            // Empty transactions only (durability barriers): nothing new to sync.
+        // Read before the sync: whatever it counts is on disk once the sync returns.
+        let version: Option<i64> = self
+            .ckpt
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .ok();
+        if version.is_some() && version == self.synced_version {
+            // Nothing committed by anyone since the last sync (durability barriers).
             return Ok(());
         }
         #[cfg(test)]
@@ -351,7 +374,7 @@ impl Syncer {
         };
         match synced {
             Ok(()) => {
-                self.synced_changes = changes;
+                self.synced_version = version;
                 health.syncs.fetch_add(1, Ordering::Release);
                 Ok(())
             }
@@ -380,35 +403,65 @@ impl Syncer {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 });
         match result {
-            Ok((_, log_frames, _)) if !restarting && log_frames >= WAL_RESTART_FRAMES => {
+            Ok((_, log_frames, _)) => {
+                if log_frames < WAL_RESTART_FRAMES {
+                    self.hold_at_frames = WAL_RESTART_FRAMES;
+                }
+                if restarting || log_frames < self.hold_at_frames {
+                    return Done::Go;
+                }
+                // If this restart does not happen either, ask again only after as many frames
+                // more.
+                self.hold_at_frames = log_frames.saturating_add(WAL_RESTART_FRAMES);
                 self.restarting = true;
                 health.holds.fetch_add(1, Ordering::Relaxed);
                 Done::Hold
             }
-            Ok(_) => Done::Go,
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DatabaseBusy
+                    || f.code == rusqlite::ErrorCode::DatabaseLocked =>
+            {
+                // Another checkpointer (another process) is at work: the next one retries.
+                Done::Go
+            }
             Err(e) => {
-                // The next one retries; SQLite's data is unaffected by a failed checkpoint.
-                tracing::warn!(error = %e, "sqlite: checkpoint failed");
+                // An I/O error of the checkpoint's own syncs (its fd sees the database file's
+                // write-back errors): after it nothing can be trusted to be on disk, as after a
+                // failed WAL sync (review finding: such errors were only logged).
+                tracing::error!(error = %e, "sqlite: checkpoint failed; refusing writes until restart");
+                health.failed.store(true, Ordering::Release);
                 Done::Go
             }
         }
     }
 }
 
+/// The WAL file the syncer holds open, and its identity.
+struct HeldWal {
+    file: File,
+    id: FileId,
+}
+
 /// `fdatasync` of the WAL file, (re)opened by path when it is not the file we hold.
-fn sync_wal(path: &Path, wal: &mut Option<(File, u64)>) -> std::io::Result<()> {
+fn sync_wal(path: &Path, wal: &mut Option<HeldWal>) -> std::io::Result<()> {
     // Twice at most: the file can be replaced between the stat and the open only while a
     // connection is closing, and what we sync must be the file at the path now.
     for _ in 0..2 {
-        let ino = inode(&std::fs::metadata(path)?);
-        let file = match wal.take() {
-            Some((file, held)) if held == ino => file,
-            _ => File::open(path)?,
+        let at_path = FileId::of(&std::fs::metadata(path)?);
+        let held = match wal.take() {
+            // A deleted file keeps its inode number until it is closed; inode numbers are
+            // reused quickly (ext4, tmpfs): identity is (device, inode) of a linked file.
+            Some(h) if h.id == at_path && FileId::of(&h.file.metadata()?).linked() => h,
+            _ => {
+                let file = File::open(path)?;
+                let id = FileId::of(&file.metadata()?);
+                HeldWal { file, id }
+            }
         };
-        let opened = inode(&file.metadata()?);
-        file.sync_data()?;
-        *wal = Some((file, opened));
-        if opened == ino {
+        held.file.sync_data()?;
+        let same = held.id == at_path;
+        *wal = Some(held);
+        if same {
             return Ok(());
         }
     }
@@ -417,12 +470,40 @@ fn sync_wal(path: &Path, wal: &mut Option<(File, u64)>) -> std::io::Result<()> {
     ))
 }
 
-#[cfg(unix)]
-fn inode(m: &std::fs::Metadata) -> u64 {
-    std::os::unix::fs::MetadataExt::ino(m)
+#[derive(Debug, Clone, Copy)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    nlink: u64,
 }
 
-#[cfg(not(unix))]
-fn inode(_: &std::fs::Metadata) -> u64 {
-    0
+impl PartialEq for FileId {
+    fn eq(&self, o: &FileId) -> bool {
+        (self.dev, self.ino) == (o.dev, o.ino)
+    }
+}
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            nlink: m.nlink(),
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn of(_: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: 0,
+            ino: 0,
+            nlink: 1,
+        }
+    }
+
+    fn linked(&self) -> bool {
+        self.nlink > 0
+    }
 }
