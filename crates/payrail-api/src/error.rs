@@ -124,6 +124,28 @@ impl From<EngineError> for ApiError {
                 "a refund with this out_refund_no exists already; query it instead",
             )
             .with_param("out_refund_no"),
+            E::DuplicateOutPayoutNo => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "duplicate_out_payout_no",
+                "a payout with this out_payout_no exists already; query it instead",
+            )
+            .with_param("out_payout_no"),
+            // 409, not 400: whether it fits depends on the balance, not on the request (the
+            // same request fits after a settlement or a failed payout).
+            E::InsufficientAvailableBalance {
+                available_minor,
+                requested_minor,
+                currency,
+            } => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "insufficient_available_balance",
+                format!(
+                    "the available balance is {available_minor} minor units of {currency}, less than the payout's {requested_minor}; nothing was paid out"
+                ),
+            )
+            .with_param("amount"),
             E::RefundRefused(r) => refund_refusal(r),
             E::NotClosable(status) => ApiError::new(
                 StatusCode::CONFLICT,

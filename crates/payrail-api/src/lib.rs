@@ -9,6 +9,7 @@ mod ledger;
 mod merchant;
 mod middleware;
 mod operator;
+mod payouts;
 mod refunds;
 mod request;
 
@@ -37,6 +38,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .merge(operator::router())
         .merge(channels::router())
         .merge(refunds::router())
+        .merge(payouts::router())
         .merge(events::router())
         .merge(ledger::router())
         .fallback(fallback)

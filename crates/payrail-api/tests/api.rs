@@ -85,6 +85,17 @@ async fn harness_full(
     worker: bool,
     extra: Option<Arc<dyn payrail_channels::Connector>>,
 ) -> Option<Harness> {
+    harness_with_bank(backend, config, worker, extra, None).await
+}
+
+/// [`harness_full`] with another payout bank than the sandbox bank.
+async fn harness_with_bank(
+    backend: Backend,
+    config: EngineConfig,
+    worker: bool,
+    extra: Option<Arc<dyn payrail_channels::Connector>>,
+    payout_bank: Option<Arc<dyn payrail_channels::payout::PayoutConnector>>,
+) -> Option<Harness> {
     init_log();
     let dir = std::env::temp_dir().join(format!("payrail-api-test-{}", nonce()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -110,7 +121,11 @@ async fn harness_full(
     }
     let master_key = MasterKey::generate_hex();
     let key = MasterKey::parse(&master_key).unwrap();
-    let engine = Arc::new(Engine::new(store, channels, dyn_clock, key, config));
+    let mut engine = Engine::new(store, channels, dyn_clock, key, config);
+    if let Some(bank) = payout_bank {
+        engine.payout_bank = bank;
+    }
+    let engine = Arc::new(engine);
     let op = format!("op_test_{}", nonce());
     engine
         .ensure_operator_token(Some(&Secret::new(op.clone())))
@@ -2675,6 +2690,11 @@ both!(
 );
 #[path = "api/ledger.rs"]
 mod ledger;
+
+/// Payouts end to end (tests/api/payouts.rs).
+#[path = "api/payouts.rs"]
+mod payouts;
+
 /// Webhooks, the delivery log and the event feed (tests/api/webhooks.rs).
 #[path = "api/webhooks.rs"]
 mod webhooks;

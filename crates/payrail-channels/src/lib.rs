@@ -8,10 +8,12 @@
 //! every request themselves (`timeout_ms` in their configs).
 //!
 //! Adding a channel = one module implementing [`Connector`] plus one line in [`Registry`].
+//! Payout banks (代付) have their own, smaller trait: [`payout::PayoutConnector`].
 //! One connector instance serves one channel account (merchant id + keys).
 
 pub mod alipay;
 mod common;
+pub mod payout;
 pub mod sandbox;
 pub mod unionpay;
 pub mod wechatpay;

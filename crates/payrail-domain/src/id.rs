@@ -45,6 +45,9 @@ id_kinds! {
     Settlement = SettlementId: "stl";
     /// An operator's top-up of an end user's wallet.
     TopUp = TopUpId: "tpu";
+    /// A payout (出款) of a merchant's available balance to its bank account; sent to the
+    /// payout bank as its request number (idempotent there).
+    Payout = PayoutId: "po";
 }
 
 /// An identifier of entity kind `K`. Construct with [`Id::generate`] or [`Id::parse`].

@@ -81,6 +81,15 @@ string_newtype! {
     RefundReason
 }
 string_newtype! {
+    /// The merchant's own payout number: the same shape as [`OutTradeNo`], unique per merchant.
+    OutPayoutNo
+}
+string_newtype! {
+    /// What a payout is for, passed to the bank as the transfer's remark (附言): 1–64
+    /// characters, no control characters.
+    PayoutDescription
+}
+string_newtype! {
     /// What is being bought, shown to the payer: 1–128 characters, no control characters.
     Subject
 }
@@ -139,6 +148,34 @@ impl RefundReason {
         check_len("reason", s, 1, Self::MAX_LEN)?;
         no_control("reason", s)?;
         Ok(RefundReason(s.to_string()))
+    }
+}
+
+impl OutPayoutNo {
+    pub const MAX_LEN: usize = 64;
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        check_len("out_payout_no", s, 1, Self::MAX_LEN)?;
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-|*.".contains(&b))
+        {
+            return Err(InputError::new(
+                "out_payout_no",
+                "parameter_invalid",
+                "out_payout_no may contain only letters, digits and _ - | * .",
+            ));
+        }
+        Ok(OutPayoutNo(s.to_string()))
+    }
+}
+
+impl PayoutDescription {
+    /// Banks' remark fields are short (often 30–60 Chinese characters); 64 is the common cap.
+    pub const MAX_LEN: usize = 64;
+    pub fn parse(s: &str) -> Result<Self, InputError> {
+        check_len("description", s, 1, Self::MAX_LEN)?;
+        no_control("description", s)?;
+        Ok(PayoutDescription(s.to_string()))
     }
 }
 
@@ -427,6 +464,31 @@ mod tests {
             "parameter_missing"
         );
         assert_eq!(RefundReason::parse("a\u{7}b").unwrap_err().param, "reason");
+    }
+
+    #[test]
+    fn payout_number_and_description_rules() {
+        for good in ["P", "payout-2024_01|x*y.z", &"9".repeat(64)] {
+            assert!(OutPayoutNo::parse(good).is_ok(), "{good}");
+        }
+        for bad in ["", "has space", "出款", &"9".repeat(65), "a\nb"] {
+            let e = OutPayoutNo::parse(bad).unwrap_err();
+            assert_eq!(e.param, "out_payout_no", "{bad}");
+        }
+        assert!(PayoutDescription::parse("十一月货款").is_ok());
+        assert!(PayoutDescription::parse(&"字".repeat(64)).is_ok());
+        assert_eq!(
+            PayoutDescription::parse(&"字".repeat(65)).unwrap_err().code,
+            "parameter_too_long"
+        );
+        assert_eq!(
+            PayoutDescription::parse(" ").unwrap_err().code,
+            "parameter_missing"
+        );
+        assert_eq!(
+            PayoutDescription::parse("a\u{7}b").unwrap_err().param,
+            "description"
+        );
     }
 
     #[test]

@@ -205,6 +205,8 @@ str_enum! {
         Refund = "refund",
         Settlement = "settlement",
         Payout = "payout",
+        /// A failed payout's amount back to the merchant's available balance.
+        PayoutReversal = "payout_reversal",
         WalletTopUp = "wallet_top_up",
         WalletFreeze = "wallet_freeze",
         WalletConfirm = "wallet_confirm",

@@ -1,4 +1,4 @@
-//! The payrail domain: money, identifiers, the payment and refund state machines, request
+//! The payrail domain: money, identifiers, the payment, refund and payout state machines, request
 //! signing, the validated inputs of the merchant API, and the ledger: accounts and entries,
 //! posting rules, fee plans and settlement cycles.
 //!
@@ -16,6 +16,7 @@ pub mod input;
 pub mod ledger;
 pub mod money;
 pub mod payment;
+pub mod payout;
 pub mod posting_rules;
 pub mod refund;
 pub mod secret;
@@ -27,9 +28,10 @@ pub use channel::ChannelOutcome;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use id::{
     AppId, AttemptId, ChannelAccountId, EventId, FeePlanId, Id, IdKind, JobId, MerchantId,
-    PaymentId, RefundId, SettlementId, TopUpId,
+    PaymentId, PayoutId, RefundId, SettlementId, TopUpId,
 };
 pub use money::{Currency, Money, MoneyError};
 pub use payment::{AttemptStatus, PaymentStatus, TransitionError};
+pub use payout::PayoutStatus;
 pub use refund::RefundStatus;
 pub use secret::Secret;

@@ -146,7 +146,8 @@ pub fn settlement(merchant: MerchantId, day: Date, amount: Money) -> Result<Entr
     )
 }
 
-/// A payout to the merchant's bank: D merchant available, C payout clearing.
+/// A payout to the merchant's bank: D merchant available, C payout clearing. The available
+/// balance's no-overdraft limit refuses a payout it cannot cover.
 pub fn payout(
     payout_id: &impl Display,
     merchant: MerchantId,
@@ -160,6 +161,27 @@ pub fn payout(
         vec![
             Posting::debit(AccountId::merchant_available(merchant, c), amount),
             Posting::credit(AccountId::payout_clearing(merchant, c), amount),
+        ],
+    )
+}
+
+/// A payout the bank definitely refused: its amount back to the merchant's available balance,
+/// D payout clearing, C merchant available — the sides of [`payout`] swapped, with its own id
+/// so the payout and its reversal are two entries of one payout (`po_…:payout`,
+/// `po_…:payout_reversal`), each posted once.
+pub fn payout_reversal(
+    payout_id: &impl Display,
+    merchant: MerchantId,
+    amount: Money,
+) -> Result<Entry, LedgerError> {
+    let c = amount.currency();
+    Entry::posted(
+        EntryId::derived(payout_id, "payout_reversal")?,
+        EntryCode::PayoutReversal,
+        Some(&payout_id.to_string()),
+        vec![
+            Posting::debit(AccountId::payout_clearing(merchant, c), amount),
+            Posting::credit(AccountId::merchant_available(merchant, c), amount),
         ],
     )
 }

@@ -1,4 +1,4 @@
-//! The application layer: the payment and refund pipelines, merchant and app management,
+//! The application layer: the payment, refund and payout pipelines, merchant and app management,
 //! authentication of signed requests, and the background workers. HTTP lives in `payrail-api`;
 //! this crate knows nothing of it, so the same operations serve the API, the CLI and the workers.
 
@@ -14,6 +14,7 @@ pub mod merchants;
 pub mod metrics;
 pub mod notifications;
 pub mod payments;
+pub mod payouts;
 pub mod refunds;
 pub mod settlement;
 pub mod views;
@@ -121,6 +122,15 @@ pub enum EngineError {
     DuplicateOutTradeNo,
     #[error("a refund with this out_refund_no exists already")]
     DuplicateOutRefundNo,
+    #[error("a payout with this out_payout_no exists already")]
+    DuplicateOutPayoutNo,
+    /// The merchant's available balance cannot cover the payout; nothing was written.
+    #[error("the available balance is {available_minor} minor units of {currency}; the payout needs {requested_minor}")]
+    InsufficientAvailableBalance {
+        available_minor: i64,
+        requested_minor: i64,
+        currency: payrail_domain::Currency,
+    },
     /// The refund request does not fit the payment or its channel's rules; nothing was done.
     #[error(transparent)]
     RefundRefused(#[from] payrail_domain::refund::RefundRefusal),
@@ -163,6 +173,9 @@ pub struct Engine {
     pub bulkheads: bulkhead::Bulkheads,
     /// The fee plans in force (cached); shared with the wallet connector.
     pub fees: Arc<clearing::FeeCache>,
+    /// The bank payouts are sent to (the sandbox bank unless replaced before the engine is
+    /// shared).
+    pub payout_bank: Arc<dyn payrail_channels::payout::PayoutConnector>,
     accounts: std::sync::RwLock<channel_accounts::Accounts>,
     /// The real-time event feed (SSE) and the in-process "an event was written" signal.
     pub feed: feed::Feed,
@@ -189,8 +202,10 @@ impl Engine {
             fees.clone(),
             clock.clone(),
         )));
+        let payout_bank = Arc::new(payrail_channels::payout::SandboxBank::new(clock.clone()));
         Engine {
             fees,
+            payout_bank,
             feed: feed::Feed::new(store.clone()),
             webhooks,
             store,
@@ -216,6 +231,9 @@ pub const JOB_PAYMENT_SYNC: &str = "payment_sync";
 
 /// Name of the job kind that drives processing refunds to a definite answer.
 pub const JOB_REFUND_SYNC: &str = "refund_sync";
+
+/// Name of the job kind that sends a payout to the bank and drives it to a definite answer.
+pub const JOB_PAYOUT_SEND: &str = "payout_send";
 
 #[cfg(test)]
 mod tests {

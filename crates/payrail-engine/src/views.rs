@@ -3,7 +3,7 @@
 
 use payrail_channels::NextAction;
 use payrail_domain::PaymentStatus;
-use payrail_store::{MerchantRecord, PaymentRecord, RefundRecord};
+use payrail_store::{MerchantRecord, PaymentRecord, PayoutRecord, RefundRecord};
 use serde_json::{json, Map, Value};
 
 fn secs(ms: i64) -> i64 {
@@ -109,6 +109,31 @@ pub fn refund_json(r: &RefundRecord) -> Value {
         "created": secs(r.created_at_ms),
         "updated": secs(r.updated_at_ms),
         "refunded_at": r.refunded_at_ms.map(secs),
+    })
+}
+
+pub fn payout_json(p: &PayoutRecord) -> Value {
+    let failure = p
+        .failure_code
+        .as_ref()
+        .map(|code| json!({"code": code, "message": p.failure_message}));
+    json!({
+        "id": p.id,
+        "object": "payout",
+        "merchant_id": p.merchant_id,
+        "app_id": p.app_id,
+        "out_payout_no": p.out_payout_no,
+        "amount": p.amount_minor,
+        "currency": p.currency,
+        "description": p.description,
+        "status": p.status,
+        "bank": p.bank,
+        "bank_reference": p.bank_reference,
+        "failure": failure,
+        "notify_url": p.notify_url,
+        "created": secs(p.created_at_ms),
+        "updated": secs(p.updated_at_ms),
+        "paid_at": p.paid_at_ms.map(secs),
     })
 }
 

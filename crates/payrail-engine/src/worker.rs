@@ -1,7 +1,7 @@
-//! Background workers: status sync (payments and refunds) and housekeeping. They share work through the job table, so
+//! Background workers: status sync (payments, refunds and payouts) and housekeeping. They share work through the job table, so
 //! any number of processes may run them.
 
-use crate::{Engine, JOB_PAYMENT_SYNC, JOB_REFUND_SYNC};
+use crate::{Engine, JOB_PAYMENT_SYNC, JOB_PAYOUT_SEND, JOB_REFUND_SYNC};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -13,11 +13,11 @@ const ERROR_BACKOFF_MS: u64 = 1_000;
 const JANITOR_PERIOD_MS: u64 = 60_000;
 
 /// The job kinds the status-sync worker runs: payments and refunds waiting for a definite
-/// channel answer.
-const SYNC_KINDS: [&str; 2] = [JOB_PAYMENT_SYNC, JOB_REFUND_SYNC];
+/// channel answer, and payouts to send to the bank or waiting for its definite answer.
+const SYNC_KINDS: [&str; 3] = [JOB_PAYMENT_SYNC, JOB_REFUND_SYNC, JOB_PAYOUT_SEND];
 
-/// Leases due sync jobs (payments, then refunds) and runs them, until `shutdown` turns true.
-/// Jobs in flight finish first.
+/// Leases due sync jobs (payments, refunds, then payouts) and runs them, until `shutdown` turns
+/// true. Jobs in flight finish first.
 pub async fn run_sync_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<bool>) {
     tracing::info!("status-sync worker started");
     while !*shutdown.borrow() {
@@ -45,10 +45,10 @@ pub async fn run_sync_worker(engine: Arc<Engine>, mut shutdown: watch::Receiver<
             for job in jobs {
                 let engine = engine.clone();
                 set.spawn(async move {
-                    let res = if job.kind == JOB_REFUND_SYNC {
-                        engine.sync_refund(&job).await
-                    } else {
-                        engine.sync_payment(&job).await
+                    let res = match job.kind.as_str() {
+                        JOB_REFUND_SYNC => engine.sync_refund(&job).await,
+                        JOB_PAYOUT_SEND => engine.run_payout_job(&job).await,
+                        _ => engine.sync_payment(&job).await,
                     };
                     if let Err(e) = res {
                         // The lease runs out and the job comes back by itself.

@@ -13,6 +13,7 @@
 pub mod clearing;
 mod common;
 pub mod ledger;
+pub mod payouts;
 pub mod postgres;
 pub mod postgres_ledger;
 mod records;
@@ -22,6 +23,7 @@ pub mod sqlite_ledger;
 pub mod webhooks;
 
 pub use clearing::*;
+pub use payouts::*;
 pub use records::*;
 pub use webhooks::*;
 
@@ -48,11 +50,11 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Every store also implements [`WebhookStore`] (webhook deliveries, the event feed),
-/// [`ledger::LedgerStore`] (the double-entry ledger) and [`ClearingStore`] (fee plans,
-/// settlement, ledger reads).
+/// [`ledger::LedgerStore`] (the double-entry ledger), [`ClearingStore`] (fee plans,
+/// settlement, ledger reads) and [`PayoutStore`] (payouts).
 #[async_trait]
 pub trait Store:
-    WebhookStore + ledger::LedgerStore + ClearingStore + Send + Sync + 'static
+    WebhookStore + ledger::LedgerStore + ClearingStore + PayoutStore + Send + Sync + 'static
 {
     /// Which backend this is (`sqlite` or `postgres`), for logs and benchmarks.
     fn backend(&self) -> &'static str;

@@ -17,6 +17,7 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{NoTls, Row};
 
 mod clearing;
+mod payouts;
 mod refunds;
 mod webhooks;
 

@@ -285,7 +285,47 @@ CREATE TABLE webhook_attempts (
         name: "clearing and settlement",
         sql: CLEARING_SQL,
     },
+    Migration {
+        version: 8,
+        name: "payouts",
+        sql: PAYOUTS_SQL,
+    },
 ];
+
+/// Payouts of merchants' available balances to their banks (docs/ledger.md, "Payouts"). Touches
+/// no table of another migration, so it can be renumbered when migrations from other branches
+/// land. The money itself is in the ledger: a payout's row is inserted in the transaction that
+/// posts `po_…:payout`, and a failed one's status change posts `po_…:payout_reversal`.
+const PAYOUTS_SQL: &str = r#"
+CREATE TABLE payouts (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    out_payout_no TEXT NOT NULL,
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0),
+    currency TEXT NOT NULL CHECK (length(currency) = 3),
+    description TEXT,
+    bank TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('processing', 'paid', 'failed')),
+    version BIGINT NOT NULL CHECK (version >= 1),
+    bank_reference TEXT,
+    failure_code TEXT,
+    failure_message TEXT,
+    notify_url TEXT,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    paid_at_ms BIGINT,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    UNIQUE (merchant_id, out_payout_no),
+    -- A paid payout says when; a failed one says why; only a paid one has a payment time.
+    CHECK ((status = 'paid') = (paid_at_ms IS NOT NULL)),
+    CHECK (status <> 'failed' OR failure_code IS NOT NULL)
+);
+CREATE INDEX payouts_by_merchant ON payouts (merchant_id, id);
+-- The operator's list by status (the processing ones above all).
+CREATE INDEX payouts_by_status ON payouts (status, id);
+"#;
 
 /// Fee plans, settlement cycles, the clearing rows of payments and refunds, settlement batches
 /// (docs/ledger.md). Changes no table of another migration (it adds one PostgreSQL index on

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 mod clearing;
+mod payouts;
 mod refunds;
 mod webhooks;
 mod writer;

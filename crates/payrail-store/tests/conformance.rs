@@ -24,6 +24,9 @@ use tokio::task::JoinSet;
 #[path = "conformance/webhooks.rs"]
 mod webhooks;
 use webhooks::*;
+#[path = "conformance/payouts.rs"]
+mod payouts;
+use payouts::*;
 
 const PG_URL_VAR: &str = "PAYRAIL_TEST_POSTGRES_URL";
 /// A fixed "now" for fixtures; ids are generated from times after it.
@@ -2429,12 +2432,19 @@ conformance! {
         check_dispatch_schedules_each_event_once,
         check_attempts_resends_and_log,
         check_outbox_numbering_order,
+        check_payout_create_posts_its_entry_and_reads,
+        check_concurrent_payouts_never_overdraw,
+        check_refused_payout_writes_nothing,
+        check_payout_duplicate_out_payout_no,
+        check_payout_transitions_post_the_reversal_once,
+        check_payout_create_admits_in_the_same_write,
     ],
     urls: [
         check_data_survives_reopen,
         check_concurrent_first_opens,
         check_refuses_newer_schema,
         check_refund_totals_are_constrained,
+        check_payout_rows_are_constrained,
     ],
 }
 

@@ -11,7 +11,7 @@ use payrail_domain::civil::DateTime;
 use payrail_domain::ledger::EntryId;
 
 /// A signed request timed by the server's clock.
-async fn at(
+pub(super) async fn at(
     h: &Harness,
     c: &Credentials,
     method: Method,
@@ -35,11 +35,11 @@ async fn at(
         .unwrap()
 }
 
-async fn mget(h: &Harness, c: &Credentials, path: &str) -> Answer {
+pub(super) async fn mget(h: &Harness, c: &Credentials, path: &str) -> Answer {
     at(h, c, Method::GET, path, None).await
 }
 
-async fn op(h: &Harness, method: Method, path: &str, body: Option<Value>) -> Answer {
+pub(super) async fn op(h: &Harness, method: Method, path: &str, body: Option<Value>) -> Answer {
     let key = (method == Method::POST).then(nonce);
     h.client
         .operator(&h.op, method, path, body.as_ref(), key.as_deref())
@@ -48,7 +48,7 @@ async fn op(h: &Harness, method: Method, path: &str, body: Option<Value>) -> Ans
 }
 
 /// Pays `amount` CNY with `method` (`payer_id` for a wallet); returns the answer.
-async fn pay_with(
+pub(super) async fn pay_with(
     h: &Harness,
     c: &Credentials,
     amount: i64,
@@ -67,7 +67,7 @@ async fn pay_with(
     at(h, c, Method::POST, "/v1/payments", Some(&body.to_string())).await
 }
 
-async fn pay_ok(h: &Harness, c: &Credentials, amount: i64, otn: &str) -> String {
+pub(super) async fn pay_ok(h: &Harness, c: &Credentials, amount: i64, otn: &str) -> String {
     let a = pay_with(h, c, amount, otn, None).await;
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.body["status"], "succeeded", "{}", a.body);
@@ -83,7 +83,7 @@ async fn refund_ok(h: &Harness, c: &Credentials, payment: &str, amount: i64) -> 
 }
 
 /// `(pending, available)` of a merchant in CNY, through `GET /v1/balance`.
-async fn balances(h: &Harness, c: &Credentials) -> (i64, i64) {
+pub(super) async fn balances(h: &Harness, c: &Credentials) -> (i64, i64) {
     let a = mget(h, c, "/v1/balance").await;
     assert_eq!(a.status, 200, "{}", a.body);
     let of = |k: &str| {
@@ -99,7 +99,7 @@ async fn balances(h: &Harness, c: &Credentials) -> (i64, i64) {
 
 /// The invariant every scenario ends with: the trial balance sums to zero per currency (through
 /// the API), and every account's counters equal the sum of its postings (the store's check).
-async fn books_balance(h: &Harness) {
+pub(super) async fn books_balance(h: &Harness) {
     let t = op(h, Method::GET, "/v1/operator/ledger/trial-balance", None).await;
     assert_eq!(t.status, 200, "{}", t.body);
     assert_eq!(t.body["balanced"], true, "{}", t.body);
@@ -111,7 +111,7 @@ async fn books_balance(h: &Harness) {
 }
 
 /// Entries with this id (0 or 1: ids are unique).
-async fn entry_exists(h: &Harness, id: &str) -> bool {
+pub(super) async fn entry_exists(h: &Harness, id: &str) -> bool {
     h.engine
         .store
         .get_entry(&EntryId::parse(id).unwrap())
@@ -125,7 +125,7 @@ async fn fee_plan(h: &Harness, body: Value) -> Answer {
 }
 
 /// 0.6 % fee, 0.25 % channel cost, both refunded pro rata: the worked example of docs/ledger.md.
-async fn default_plan(h: &Harness) {
+pub(super) async fn default_plan(h: &Harness) {
     let a = fee_plan(
         h,
         json!({"currency": "CNY", "rate_bps": 60, "channel_cost_bps": 25}),
@@ -134,7 +134,7 @@ async fn default_plan(h: &Harness) {
     assert_eq!(a.status, 200, "{}", a.body);
 }
 
-fn beijing_ms(s: &str) -> i64 {
+pub(super) fn beijing_ms(s: &str) -> i64 {
     let (dt, _) = DateTime::parse(s).unwrap();
     dt.to_unix_ms(480)
 }

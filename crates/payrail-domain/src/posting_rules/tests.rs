@@ -303,3 +303,83 @@ fn a_reversal_undoes_an_entry() {
     assert_eq!(w.bal(AccountKind::Funding, PLATFORM_OWNER), 0);
     w.balanced();
 }
+
+/// Every account's posted counters and balance, to compare the books before and after.
+fn snapshot(w: &World) -> Vec<(String, i128)> {
+    let mut v: Vec<(String, i128)> = w
+        .book
+        .accounts()
+        .map(|(id, s)| {
+            (
+                id.to_string(),
+                s.balance.posted_net(id.kind().normal_side()),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_failed_payout_is_reversed_and_the_books_return_to_their_prior_state() {
+    let mut w = World::new();
+    // 100.00 settled to available.
+    let day = crate::civil::Date::parse("2026-11-22").unwrap();
+    w.ok(&wallet_top_up(
+        &"tu",
+        w.merchant,
+        "alice",
+        cny(10_000),
+        &TopUpSource::Operator,
+    )
+    .unwrap());
+    let q = plan().quote(cny(10_000)).unwrap();
+    w.ok(&payment_succeeded(pay(1), w.merchant, CH, &q).unwrap());
+    w.ok(&settlement(w.merchant, day, q.net).unwrap());
+    assert_eq!(w.m(AccountKind::MerchantAvailable), 9_940);
+    let before = snapshot(&w);
+
+    // A payout of 30.00: available → payout clearing.
+    let po = payout(&"po_1", w.merchant, cny(3_000)).unwrap();
+    assert_eq!(po.id().as_str(), "po_1:payout");
+    assert_eq!(po.reference(), Some("po_1"));
+    w.ok(&po);
+    assert_eq!(w.m(AccountKind::MerchantAvailable), 6_940);
+    assert_eq!(w.m(AccountKind::PayoutClearing), 3_000);
+    w.balanced();
+    // The bank refuses it: the reversal puts it back, and every balance is what it was.
+    let rev = payout_reversal(&"po_1", w.merchant, cny(3_000)).unwrap();
+    assert_eq!(rev.id().as_str(), "po_1:payout_reversal");
+    let sides: Vec<(AccountKind, Side)> = rev
+        .postings()
+        .iter()
+        .map(|p| (p.account.kind(), p.side))
+        .collect();
+    assert_eq!(
+        sides,
+        vec![
+            (AccountKind::PayoutClearing, Side::Debit),
+            (AccountKind::MerchantAvailable, Side::Credit)
+        ]
+    );
+    w.ok(&rev);
+    assert_eq!(snapshot(&w), before, "the books are back where they were");
+    w.balanced();
+    // Replays post nothing twice: the payout and its reversal are each one entry.
+    assert!(matches!(w.post(&po), PostOutcome::Replayed(_)));
+    assert!(matches!(w.post(&rev), PostOutcome::Replayed(_)));
+    assert_eq!(snapshot(&w), before);
+
+    // A payout of more than is available is refused and changes nothing.
+    let big = payout(&"po_2", w.merchant, cny(9_941)).unwrap();
+    assert!(matches!(
+        w.post(&big),
+        PostOutcome::Rejected(Reject::ExceedsCredits(_))
+    ));
+    assert_eq!(snapshot(&w), before);
+    // Exactly the available balance is fine; then nothing is left.
+    w.ok(&payout(&"po_3", w.merchant, cny(9_940)).unwrap());
+    assert_eq!(w.m(AccountKind::MerchantAvailable), 0);
+    assert_eq!(w.m(AccountKind::PayoutClearing), 9_940);
+    w.balanced();
+}

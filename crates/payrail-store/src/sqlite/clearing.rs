@@ -256,7 +256,7 @@ pub(super) fn transition_ledger_in(
 }
 
 /// What `merchant_available` of a merchant can spend (0 if it is not open).
-fn available_minor(c: &Connection, account: &AccountId) -> Result<i64> {
+pub(super) fn available_minor(c: &Connection, account: &AccountId) -> Result<i64> {
     let row: Option<(i64, i64, i64)> = c
         .prepare_cached(
             "SELECT b.credits_posted, b.debits_posted, b.debits_pending FROM ledger_accounts a \
