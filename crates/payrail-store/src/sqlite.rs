@@ -179,6 +179,11 @@ impl SqliteStore {
         orx.await.map_err(|_| StoreError::Closed)?
     }
 
+    #[cfg(test)]
+    pub(crate) fn readers_path(&self) -> PathBuf {
+        self.readers.path.clone()
+    }
+
     /// Returns once every write committed before the call — by any connection, of this
     /// process or another — is on disk: an empty write through the pipeline, whose sync covers
     /// every frame in the WAL before it. A reader may see a commit up to one fsync before it is
@@ -239,6 +244,19 @@ impl Readers {
     }
 }
 
+/// Rolls the writer's transaction back to `savepoint`. Every savepoint rollback of the SQLite
+/// store goes through here (a test checks the sources), because undone writes may include
+/// ledger account rows whose states the writer caches between batches
+/// (`sqlite_ledger::AccountCache`): a rolled-back account creation followed by another could
+/// otherwise hand a cached account's number to a different account.
+pub(crate) fn rollback_to(conn: &Connection, savepoint: &str) -> Result<()> {
+    crate::sqlite_ledger::drop_account_cache();
+    conn.prepare_cached(&format!("ROLLBACK TO {savepoint}"))
+        .and_then(|mut s| s.execute([]))
+        .map_err(db_err)?;
+    Ok(())
+}
+
 fn run_in_savepoint<R>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<(R, bool)>,
@@ -255,19 +273,19 @@ fn run_in_savepoint<R>(
             Ok(_) => Ok(v),
             Err(e) => {
                 // Keep its writes out of the batch: the caller is told it failed.
-                let _ = exec("ROLLBACK TO op");
+                let _ = rollback_to(conn, "op");
                 let _ = exec("RELEASE op");
                 Err(e)
             }
         },
         Ok((v, false)) => {
-            exec("ROLLBACK TO op")?;
+            rollback_to(conn, "op")?;
             exec("RELEASE op")?;
             Ok(v)
         }
         Err(e) => {
             // Undo this write only; the others in the batch still commit.
-            let _ = exec("ROLLBACK TO op");
+            let _ = rollback_to(conn, "op");
             let _ = exec("RELEASE op");
             Err(e)
         }

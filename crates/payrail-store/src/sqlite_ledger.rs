@@ -42,7 +42,7 @@ pub fn post_entries_in_tx(
     let result = match post_once(conn, entries, now_ms, false) {
         Ok(Some(out)) => Ok(out),
         // An entry id was taken: a replay. Undo and post again knowing the stored entries.
-        Ok(None) => exec(conn, "ROLLBACK TO ledger_post").and_then(|()| {
+        Ok(None) => crate::sqlite::rollback_to(conn, "ledger_post").and_then(|()| {
             post_once(conn, entries, now_ms, true)?
                 .ok_or_else(|| corrupt("entry id taken although loaded as absent"))
         }),
@@ -54,7 +54,7 @@ pub fn post_entries_in_tx(
             Ok(out)
         }
         Err(e) => {
-            let _ = exec(conn, "ROLLBACK TO ledger_post");
+            let _ = crate::sqlite::rollback_to(conn, "ledger_post");
             let _ = exec(conn, "RELEASE ledger_post");
             Err(e)
         }
@@ -121,16 +121,107 @@ pub fn open_accounts_in_tx(
 
 /// One attempt at posting a batch. `Ok(None)`: an entry id turned out to be taken (only when
 /// `load_stored` is false, i.e. on the optimistic first attempt).
+/// Accounts one cache keeps at most (~100 bytes each); past it the cache starts over.
+const ACCOUNT_CACHE_MAX: usize = 200_000;
+
+/// The account states the writer thread posted last, kept between batches so a batch does not
+/// load them again: loading 200 accounts was 20 % of the writer's time per batch of 100
+/// transfers (`perf`, docs/BENCHMARKS.md). The writer is the only thread that changes account
+/// rows, but not the only changer of the database: another process may post, and a write
+/// closure (or a whole batch) may roll back after posting through the cache. Both move the
+/// ledger's highest entry number away from the one the cache recorded after its last post, and
+/// every post compares the two first, dropping the cache on any difference. Expiring holds
+/// changes balances without an entry, so it drops the cache itself.
+struct AccountCache {
+    /// The database file the states belong to.
+    path: String,
+    /// `MAX(seq)` of `ledger_entries` right after the states were stored.
+    seq: i64,
+    accounts: HashMap<String, (AccountState, i64)>,
+}
+
+thread_local! {
+    static ACCOUNT_CACHE: std::cell::RefCell<Option<AccountCache>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn max_entry_seq(conn: &Connection) -> Result<i64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM ledger_entries")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(db_err)
+}
+
+/// Forgets the cached account states; the writer calls it whenever it rolls back writes (a
+/// closure's savepoint, a failed batch), so a cache of rolled-back states can never look valid.
+pub(crate) fn drop_account_cache() {
+    ACCOUNT_CACHE.with(|c| *c.borrow_mut() = None);
+}
+
+/// Moves the cached states of `ids` into `book` (if the cache is still valid for this database
+/// at `max_seq`); returns their account numbers and the ids not cached.
+fn cached_accounts<'a>(
+    conn: &Connection,
+    max_seq: i64,
+    book: &mut Book,
+    ids: &BTreeSet<&'a AccountId>,
+) -> (HashMap<String, i64>, BTreeSet<&'a AccountId>) {
+    let path = conn.path().unwrap_or("");
+    ACCOUNT_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref()
+            .is_some_and(|c| c.path != path || c.seq != max_seq)
+        {
+            *c = None;
+        }
+        let mut nos = HashMap::with_capacity(ids.len());
+        let mut missing = BTreeSet::new();
+        for id in ids {
+            match c.as_ref().and_then(|c| c.accounts.get(id.as_str())) {
+                Some((state, no)) => {
+                    book.put_account((*id).clone(), state.clone());
+                    nos.insert(id.as_str().to_string(), *no);
+                }
+                None => {
+                    missing.insert(*id);
+                }
+            }
+        }
+        (nos, missing)
+    })
+}
+
+/// Records the states of the accounts a post loaded, as its book left them, valid at `seq`.
+fn store_accounts(conn: &Connection, seq: i64, book: &Book, nos: &HashMap<String, i64>) {
+    let path = conn.path().unwrap_or("").to_string();
+    ACCOUNT_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let cache = c.get_or_insert_with(|| AccountCache {
+            path: path.clone(),
+            seq,
+            accounts: HashMap::new(),
+        });
+        if cache.path != path || cache.accounts.len() > ACCOUNT_CACHE_MAX {
+            cache.accounts.clear();
+            cache.path = path;
+        }
+        cache.seq = seq;
+        for (id, state) in book.accounts() {
+            if let Some(no) = nos.get(id.as_str()) {
+                cache
+                    .accounts
+                    .insert(id.as_str().to_string(), (state.clone(), *no));
+            }
+        }
+    });
+}
+
 fn post_once(
     conn: &Connection,
     entries: &[Entry],
     now_ms: i64,
     load_stored: bool,
 ) -> Result<Option<Vec<PostOutcome>>> {
-    let max_seq: i64 = conn
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM ledger_entries")
-        .and_then(|mut s| s.query_row([], |r| r.get(0)))
-        .map_err(db_err)?;
+    let max_seq = max_entry_seq(conn)?;
     let first = max_seq
         .checked_add(1)
         .ok_or_else(|| corrupt("entry sequence exhausted"))?;
@@ -144,7 +235,8 @@ fn post_once(
     }
     let mut accounts = own_accounts(entries);
     accounts.extend(hold_accounts.iter());
-    let nos = load_accounts(conn, &mut book, &accounts)?;
+    let (mut nos, missing) = cached_accounts(conn, max_seq, &mut book, &accounts);
+    nos.extend(load_accounts(conn, &mut book, &missing)?);
     if load_stored {
         for e in entries {
             if let Some(stored) = load_stored_entry(conn, e.id())? {
@@ -158,8 +250,10 @@ fn post_once(
     }
     let changes = book.take_changes();
     if !write_changes(conn, &book, &changes, &nos)? {
+        drop_account_cache();
         return Ok(None);
     }
+    store_accounts(conn, max_entry_seq(conn)?, &book, &nos);
     Ok(Some(outcomes))
 }
 
@@ -484,6 +578,8 @@ fn write_changes(
 }
 
 fn expire_in_tx(conn: &Connection, now_ms: i64, limit: u32) -> Result<Vec<EntryId>> {
+    // Expiry changes balances without an entry: the cache could not tell.
+    drop_account_cache();
     let limit = limit.min(EXPIRE_BATCH_MAX);
     let ids: Vec<String> = {
         let mut s = conn
@@ -924,6 +1020,84 @@ mod tests {
         )
         .map_err(db_err)?;
         Ok(())
+    }
+
+    /// The writer's cache of account states must never be used after someone else changed the
+    /// ledger: here a second store on the same file (another process) posts between two posts
+    /// of the first, whose no-overdraft check must see the second's debit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_account_cache_sees_another_process_posts() {
+        let a = temp_store();
+        let path = a.readers_path();
+        let b = SqliteStore::open(&path).unwrap();
+        let f = AccountId::funding(Currency::CNY);
+        let w = AccountId::wallet(
+            payrail_domain::MerchantId::generate(1, [7; 10]),
+            "cache",
+            Currency::CNY,
+        )
+        .unwrap();
+        a.open_accounts(
+            &[
+                AccountSpec::default_for(f.clone()),
+                AccountSpec::default_for(w.clone()),
+            ],
+            0,
+        )
+        .await
+        .unwrap();
+        // 100 into the wallet through A (its cache now holds the wallet at 100).
+        let out = a
+            .post_entries(&[transfer("c1", &f, &w, 100)], 1)
+            .await
+            .unwrap();
+        assert!(matches!(out[0], PostOutcome::Posted(_)));
+        // B spends 80 of it.
+        let out = b
+            .post_entries(&[transfer("c2", &w, &f, 80)], 2)
+            .await
+            .unwrap();
+        assert!(matches!(out[0], PostOutcome::Posted(_)));
+        // A may not spend 80 again: 20 are left.
+        let out = a
+            .post_entries(&[transfer("c3", &w, &f, 80)], 3)
+            .await
+            .unwrap();
+        assert!(
+            matches!(out[0], PostOutcome::Rejected(_)),
+            "a stale cache let the wallet go negative: {out:?}"
+        );
+        let out = a
+            .post_entries(&[transfer("c4", &w, &f, 20)], 4)
+            .await
+            .unwrap();
+        assert!(matches!(out[0], PostOutcome::Posted(_)));
+        let check = a.check_ledger().await.unwrap();
+        assert!(check.ok(), "{check:?}");
+    }
+
+    /// Savepoint rollbacks outside the ledger (here a write that opens an account, posts, then
+    /// rolls its savepoint back) must drop the cache: the account number the cache remembers
+    /// may be handed to another account next.
+    #[test]
+    fn every_savepoint_rollback_goes_through_rollback_to() {
+        let pattern = ["\"ROLLBACK", " TO"].concat();
+        for (file, src) in [
+            ("sqlite.rs", include_str!("sqlite.rs")),
+            ("sqlite_ledger.rs", include_str!("sqlite_ledger.rs")),
+            ("sqlite/clearing.rs", include_str!("sqlite/clearing.rs")),
+            ("sqlite/refunds.rs", include_str!("sqlite/refunds.rs")),
+            ("sqlite/payouts.rs", include_str!("sqlite/payouts.rs")),
+            ("sqlite/webhooks.rs", include_str!("sqlite/webhooks.rs")),
+            ("sqlite/writer.rs", include_str!("sqlite/writer.rs")),
+        ] {
+            let allowed = usize::from(file == "sqlite.rs");
+            assert_eq!(
+                src.matches(&pattern).count(),
+                allowed,
+                "{file}: roll savepoints back with sqlite::rollback_to"
+            );
+        }
     }
 
     /// Phase 2 posts a payment's entry in the write that changes its status: both commit, or

@@ -100,7 +100,7 @@ fn create_in(c: &Connection, new: &NewPayout) -> Result<CreatePayoutOutcome> {
         PostOutcome::Rejected(Reject::ExceedsCredits(_)) => {
             // The available balance cannot cover it: nothing of the payout stays (its row, any
             // account the posting opened).
-            exec(c, "ROLLBACK TO payout_create")?;
+            crate::sqlite::rollback_to(c, "payout_create")?;
             exec(c, "RELEASE payout_create")?;
             let currency =
                 Currency::parse(&p.currency).map_err(|e| StoreError::Corrupt(e.to_string()))?;

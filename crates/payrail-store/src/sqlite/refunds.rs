@@ -117,7 +117,7 @@ fn create_in(c: &Connection, new: &NewRefund) -> Result<CreateRefundOutcome> {
         })
         .map_err(db_err)?;
     if reserved == 0 {
-        exec(c, "ROLLBACK TO refund_reserve")?;
+        crate::sqlite::rollback_to(c, "refund_reserve")?;
         exec(c, "RELEASE refund_reserve")?;
         let state = c
             .prepare_cached(&format!(

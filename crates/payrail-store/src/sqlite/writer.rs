@@ -282,6 +282,7 @@ impl Writer {
 
     fn fail_open_batch(&mut self, why: &str) {
         tracing::error!(error = %why, batch = self.replies.len(), "sqlite: batch failed");
+        crate::sqlite_ledger::drop_account_cache();
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
