@@ -2700,11 +2700,13 @@ mod payouts;
 mod webhooks;
 
 /// A channel where the payer confirms while the merchant's cancel is in flight: queries say
-/// "processing" until the cancel arrives, "paid" from then on, and the cancel — slow — ends
-/// with the channel reversing the (by then paid) order.
+/// "processing" until the cancel arrives, "paid" from then on, and the cancel — held until the
+/// test releases it, so the race is the same on a loaded machine — ends with the channel
+/// reversing the (by then paid) order.
 #[derive(Default)]
 struct PaidDuringCancel {
     cancel_started: std::sync::atomic::AtomicBool,
+    release_cancel: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
@@ -2762,7 +2764,8 @@ impl payrail_channels::Connector for PaidDuringCancel {
     async fn cancel(&self, _: &payrail_channels::QueryRequest) -> payrail_channels::CancelOutcome {
         self.cancel_started
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Bounded: a test that never releases still ends.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.release_cancel.notified()).await;
         payrail_channels::CancelOutcome::Cancelled {
             refunded: Some(true),
         }
@@ -2772,17 +2775,13 @@ impl payrail_channels::Connector for PaidDuringCancel {
 both!(
     a_cancel_that_reverses_a_payment_paid_meanwhile_is_reported_and_alerted,
     |b| async move {
-        let Some(h) = harness_full(
-            b,
-            test_config(),
-            false,
-            Some(Arc::new(PaidDuringCancel::default())),
-        )
-        .await
+        let paid_during_cancel = Arc::new(PaidDuringCancel::default());
+        let Some(h) = harness_full(b, test_config(), false, Some(paid_during_cancel.clone())).await
         else {
             return;
         };
         let h = Arc::new(h);
+        let channel = paid_during_cancel.clone();
         let (_, c) = h.merchant("Shop").await;
         let a = h.create(&c, 1000, "race").await;
         assert_eq!(a.body["status"], "processing", "{}", a.body);
@@ -2800,8 +2799,19 @@ both!(
                 .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        let started = std::time::Instant::now();
+        while !channel
+            .cancel_started
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the cancel never reached the channel"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         assert_eq!(h.requery(&id).await.body["status"], "succeeded");
+        channel.release_cancel.notify_one();
         let answer = cancel.await.unwrap();
         assert_eq!(
             (answer.status, answer.error_code()),
