@@ -757,7 +757,7 @@ both!(status_sync_worker_resolves_and_expires, |b| async move {
     let nid = never.body["id"].as_str().unwrap().to_string();
     h.clock.advance_ms(3_000);
     let mut status = String::new();
-    for _ in 0..200 {
+    for _ in 0..400 {
         status = h.get(&c, &format!("/v1/payments/{pid}")).await.body["status"]
             .as_str()
             .unwrap()
@@ -774,7 +774,7 @@ both!(status_sync_worker_resolves_and_expires, |b| async move {
     );
     // Past its expiry the worker closes it at the channel and locally.
     h.clock.advance_ms(58_000);
-    for _ in 0..200 {
+    for _ in 0..400 {
         status = h.get(&c, &format!("/v1/payments/{nid}")).await.body["status"]
             .as_str()
             .unwrap()
@@ -817,10 +817,12 @@ both!(
     a_saturated_channel_fails_fast_and_writes_nothing,
     |b| async move {
         // Two call slots per channel, 50 ms queue: two hanging payments (sandbox amount ..03 hangs
-        // until the 300 ms channel timeout) take both slots.
+        // until the channel timeout, 2 s here so a loaded machine cannot free the slots before
+        // the third request arrives) take both slots.
         let config = EngineConfig {
             channel_concurrency_max: 2,
             channel_queue_ms: 50,
+            channel_timeout_ms: 2_000,
             ..test_config()
         };
         let Some(h) = harness_with(b, config, false).await else {
@@ -835,7 +837,14 @@ both!(
                 h.create(&c, 1003, &format!("hang-{i}")).await
             }));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.engine.bulkheads.in_flight("sandbox") < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the hanging payments never reached the channel"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let t0 = std::time::Instant::now();
         let busy = h.create(&c, 1000, "while-busy").await;
         assert_eq!(
@@ -845,7 +854,7 @@ both!(
             busy.body
         );
         assert!(
-            t0.elapsed() < Duration::from_millis(250),
+            t0.elapsed() < Duration::from_millis(1_500),
             "failed fast, not after the channel timeout: {:?}",
             t0.elapsed()
         );
@@ -1330,12 +1339,19 @@ both!(
             .send()
             .await;
         assert!(r.is_err(), "the client timed out");
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        // The server finished the request anyway and saved its answer: the retry is a replay, not
-        // a 409 "in use" for the next minute.
-        let retry = h
-            .post(&c, "/v1/payments", Some(&body), Some("gone-key"))
-            .await;
+        // The server finishes the request anyway (the channel times out at 300 ms) and saves its
+        // answer: a retry is then a replay, not a 409 "in use" for the next minute. Asked again
+        // until then, within a bound, so a loaded machine only makes it take longer.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let retry = loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let r = h
+                .post(&c, "/v1/payments", Some(&body), Some("gone-key"))
+                .await;
+            if r.status != 409 || std::time::Instant::now() > deadline {
+                break r;
+            }
+        };
         assert_eq!(retry.status, 200, "{}", retry.body);
         assert!(retry.replayed);
         assert_eq!(retry.body["status"], "processing");
