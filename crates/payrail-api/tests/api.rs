@@ -60,6 +60,14 @@ struct Harness {
     _stop: watch::Sender<bool>,
 }
 
+/// The test's data folder goes with it (the store's threads may still have files open: on
+/// Unix they are unlinked and freed when closed).
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn fresh_pg_url() -> Option<String> {
     let base = std::env::var("PAYRAIL_TEST_POSTGRES_URL").ok()?;
     let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
@@ -105,6 +113,7 @@ async fn harness_with_bank(
             Some(u) => u,
             None => {
                 eprintln!("PAYRAIL_TEST_POSTGRES_URL not set: PostgreSQL variant skipped");
+                let _ = std::fs::remove_dir_all(&dir);
                 return None;
             }
         },

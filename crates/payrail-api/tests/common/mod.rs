@@ -25,7 +25,15 @@ pub struct H {
     pub base: String,
     /// The server's clock: the wall clock, which a test may move ahead (expiry).
     pub clock: Arc<SkewClock>,
+    dir: std::path::PathBuf,
     _stop: watch::Sender<bool>,
+}
+
+/// The test's data folder goes with it.
+impl Drop for H {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The wall clock plus an offset a test can grow: the server's timers keep running (the worker
@@ -116,6 +124,7 @@ pub async fn harness_full(mut config: EngineConfig, worker: bool, webhooks: bool
         engine,
         base,
         clock: skew,
+        dir,
         _stop: stop,
     }
 }
