@@ -15,7 +15,7 @@ use common::*;
 use payrail_channels::RefundRequest;
 use payrail_client::{nonce, Answer, Credentials};
 use payrail_domain::{AttemptId, Currency, Money, RefundId};
-use payrail_emulator::ChannelKind;
+use payrail_emulator::{ChannelKind, Script};
 use payrail_engine::EngineConfig;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -98,7 +98,8 @@ async fn a_5xx_on_submit_is_unknown_and_never_fails_the_payment() {
         assert_eq!(format!("{:?}", ali.order(&order).unwrap().state), "Revoked");
         // WeChat (ORDER_NOT_EXIST to the query and to the reverse) and UnionPay (34 to the
         // query; no cancel) never answer definitely: the payments stay processing while the
-        // worker keeps asking.
+        // worker keeps asking. (A payment code is reversed, never closed, so the trade bills
+        // do not close it; a lost WeChat QR order is closed from them: the next test.)
         let poll = Poll::start();
         while h.channel_calls("wechatpay", "query", "unknown") < 3
             || h.channel_calls("wechatpay", "cancel", "unknown") < 1
@@ -119,6 +120,118 @@ async fn a_5xx_on_submit_is_unknown_and_never_fails_the_payment() {
             assert!(emu.ledger().is_empty(), "{kind:?}: {:?}", emu.ledger());
             assert_eq!(h.captured_postings(id).await, 0);
         }
+    })
+    .await;
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Bug: a WeChat QR order whose creation never reached WeChat (here HTTP 500 before WeChat did
+/// anything) answers ORDER_NOT_EXIST to the query and to the close for ever, and its payment
+/// stayed `processing` for ever after expiry. "Not found" is still never a close by itself:
+/// the close is confirmed once WeChat's trade bills of the order's day through the day after
+/// its expiry are out (10:00 the next day, on the emulator's clock) and none lists it. An order
+/// a bill lists as paid while the query does not find it is never closed: it waits for a
+/// person, who is called once `close_confirm_delay_ms` has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_wechat_order_is_closed_once_the_trade_bills_confirm_it_was_never_paid() {
+    bounded(async {
+        let h = harness(config(), true).await;
+        let emu = emulator(ChannelKind::WechatPay).await;
+        h.account(&emu).await;
+        let c = h.merchant().await;
+        let create = |amount: i64, otn: &'static str| {
+            let (h, c) = (&h, &c);
+            async move {
+                let mut body = payment_body("wechat_native", amount, otn);
+                body["expires_in"] = json!(60);
+                let a = create_processing(h, c, body).await;
+                let id = a.body["id"].as_str().unwrap().to_string();
+                let order = h.order_no(&id).await;
+                (id, order)
+            }
+        };
+        // Amount ..05: the order-creating call gets HTTP 500 and WeChat records nothing.
+        let (lost, lost_order) = create(1005, "wx-lost").await;
+        assert!(emu.order(&lost_order).is_none(), "the emulator recorded it");
+        // This one reaches WeChat and is paid at once, but WeChat contradicts itself: its query
+        // and close say ORDER_NOT_EXIST and no notification comes, while its bill lists it.
+        emu.script_amount(
+            1010,
+            Script {
+                not_found: true,
+                ..Script::default()
+            },
+        );
+        let (listed, listed_order) = create(1010, "wx-listed").await;
+        emu.scan(&listed_order).unwrap();
+        emu.flush().await;
+        assert!(sends(&emu, &listed_order).is_empty());
+
+        // Past expiry on both clocks: the worker asks to close both; no bill is out yet.
+        h.clock.jump_ms(61_000);
+        emu.advance(61_000).await;
+        let closes = |n: u64| {
+            let h = &h;
+            async move {
+                let base = h.channel_calls("wechatpay", "close", "unknown");
+                let poll = Poll::start();
+                while h.channel_calls("wechatpay", "close", "unknown") < base + n {
+                    poll.tick(format!("{n} more unknown closes")).await;
+                }
+            }
+        };
+        closes(4).await;
+        // A day later at most the order's day is out, never the day after its expiry.
+        emu.advance(DAY_MS).await;
+        closes(4).await;
+        for id in [&lost, &listed] {
+            assert_eq!(h.get(&c, id).await.body["status"], "processing", "{id}");
+        }
+
+        // Both bills out, neither lists the lost order: the worker closes it. Nothing was
+        // taken at WeChat and nothing posted here.
+        emu.advance(2 * DAY_MS).await;
+        h.wait_status(&c, &lost, "closed").await;
+        assert_eq!(h.events_of(&c, &lost).await, ["payment.closed"]);
+        assert_eq!(h.captured_postings(&lost).await, 0);
+        assert!(emu.order(&lost_order).is_none());
+        assert!(emu.ledger().iter().all(|l| l.out_trade_no != lost_order));
+        // A close confirmed this way is expected to take days: no alert for either yet.
+        assert!(h.alerts("payment_unresolved").await.is_empty());
+
+        // The listed one stays open however often it is asked...
+        closes(4).await;
+        assert_eq!(h.get(&c, &listed).await.body["status"], "processing");
+        assert!(h.events_of(&c, &listed).await.is_empty());
+        // ... and once the bills should long have settled it, a person is called.
+        h.clock
+            .jump_ms(payrail_channels::wechatpay::CLOSE_CONFIRM_DELAY_MS + 3_600_000);
+        let poll = Poll::start();
+        let alert = loop {
+            if let Some(a) = h.alerts("payment_unresolved").await.pop() {
+                break a;
+            }
+            poll.tick("a payment_unresolved alert").await;
+        };
+        assert_eq!(alert.subject_id, listed);
+        assert!(
+            alert.detail.contains("lists the order as paid"),
+            "{}",
+            alert.detail
+        );
+        // (Read from the store: the merchant's signed requests carry the real time, which the
+        // server, hours ahead now, would refuse.)
+        let p = h
+            .engine
+            .store
+            .get_payment_any(listed.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.status.to_string(), "processing");
+        assert_eq!(h.captured_postings(&listed).await, 0);
+        assert_eq!(h.alerts("payment_unresolved").await.len(), 1);
     })
     .await;
 }

@@ -12,6 +12,7 @@
 //! One connector instance serves one channel account (merchant id + keys).
 
 pub mod alipay;
+mod bills;
 mod common;
 pub mod payout;
 pub mod sandbox;

@@ -33,6 +33,11 @@ pub struct Script {
     pub conflicting_notify: bool,
     /// Answer the first N cancels with "retry" (WeChat recall, Alipay retry_flag=Y).
     pub cancel_retries: u32,
+    /// WeChat: the channel contradicts itself — the order's query, close and reverse answer
+    /// `ORDER_NOT_EXIST` although the emulator holds the order, and its payment sends no
+    /// notification; the trade bill still lists it once paid. (An order the emulator never
+    /// records — a lost submission — is `server_errors`.)
+    pub not_found: bool,
 }
 
 impl Script {
@@ -338,7 +343,7 @@ impl Core {
         let url = o.notify_url.clone();
         let script = o.script.clone();
         st.ledger.push(line);
-        if notify {
+        if notify && !script.not_found {
             if let Some(url) = url {
                 let ev = NotifyEvent::Paid {
                     out_trade_no: out_trade_no.to_string(),

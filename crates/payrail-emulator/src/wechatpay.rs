@@ -32,7 +32,15 @@ pub const SCHEDULE_MS: [i64; 15] = [
     3_600_000, 10_800_000, 10_800_000, 10_800_000, 21_600_000, 21_600_000,
 ];
 
+/// Day D's trade bill is served from 10:00 Beijing on D+1 (WeChat builds it at 09:00 and says
+/// to fetch it after 10:00), on the emulator's clock.
+pub const BILL_OUT_AFTER_DAY_END_MS: i64 = 10 * 3_600_000;
+
 type Answer = (StatusCode, Value);
+
+fn not_exist() -> Answer {
+    err(StatusCode::NOT_FOUND, "ORDER_NOT_EXIST", "订单不存在")
+}
 
 fn err(status: StatusCode, code: &str, message: &str) -> Answer {
     (status, json!({"code": code, "message": message}))
@@ -257,8 +265,8 @@ impl WechatEmu {
 
     fn query(&self, no: &str) -> Answer {
         let mut st = self.core.lock();
-        let Some(o) = st.orders.get_mut(no) else {
-            return err(StatusCode::NOT_FOUND, "ORDER_NOT_EXIST", "订单不存在");
+        let Some(o) = st.orders.get_mut(no).filter(|o| !o.script.not_found) else {
+            return not_exist();
         };
         if o.script.query_errors > 0 {
             o.script.query_errors -= 1;
@@ -281,8 +289,8 @@ impl WechatEmu {
 
     fn close(&self, no: &str) -> Answer {
         let mut st = self.core.lock();
-        let Some(o) = st.orders.get_mut(no) else {
-            return err(StatusCode::NOT_FOUND, "ORDER_NOT_EXIST", "订单不存在");
+        let Some(o) = st.orders.get_mut(no).filter(|o| !o.script.not_found) else {
+            return not_exist();
         };
         match o.state {
             OrderState::Paid => err(StatusCode::BAD_REQUEST, "ORDERPAID", "订单已支付"),
@@ -301,8 +309,8 @@ impl WechatEmu {
     fn reverse(&self, no: &str) -> Answer {
         let now = self.core.now_ms();
         let mut st = self.core.lock();
-        let Some(o) = st.orders.get_mut(no) else {
-            return err(StatusCode::NOT_FOUND, "ORDER_NOT_EXIST", "订单不存在");
+        let Some(o) = st.orders.get_mut(no).filter(|o| !o.script.not_found) else {
+            return not_exist();
         };
         o.cancels += 1;
         if o.cancels <= o.script.cancel_retries {
@@ -553,7 +561,9 @@ impl WechatEmu {
             ("GET", ["v3", "refund", "domestic", "refunds", no]) => self.refund_query(no),
             ("GET", ["v3", "bill", "tradebill"]) => {
                 let date = query.get("bill_date").cloned().unwrap_or_default();
-                if date.as_str() >= crypto::day(self.core.now_ms()).as_str() {
+                let first_not_out =
+                    crypto::day(self.core.now_ms().saturating_sub(BILL_OUT_AFTER_DAY_END_MS));
+                if date >= first_not_out {
                     err(
                         StatusCode::BAD_REQUEST,
                         "NO_STATEMENT_EXIST",

@@ -8,7 +8,7 @@ use payrail_channels::wechatpay::{WechatPay, WechatPayConfig};
 use payrail_channels::*;
 use payrail_domain::input::PaymentMethod;
 use payrail_domain::{ChannelOutcome, Secret};
-use payrail_emulator::{spawn, ChannelKind, EmulatorConfig, EmulatorHandle};
+use payrail_emulator::{spawn, ChannelKind, EmulatorConfig, EmulatorHandle, Script};
 use std::sync::Arc;
 
 struct H {
@@ -587,3 +587,104 @@ bounded!(query_5xx_is_unknown_and_the_next_query_answers, async {
     assert_eq!(h.pay.query(&q(&r)).await.label(), "unknown", "HTTP 500");
     assert_eq!(h.pay.query(&q(&r)).await.label(), "succeeded");
 });
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The unknown's reason, or a failure naming what came instead.
+fn unknown_reason(o: ChannelOutcome) -> String {
+    match o {
+        ChannelOutcome::Unknown { reason } => reason,
+        other => panic!("expected unknown, got {other:?}"),
+    }
+}
+
+bounded!(a_days_trade_bill_is_out_at_ten_the_next_morning, async {
+    let h = harness().await;
+    h.pay.submit(&submit(PaymentMethod::WechatCode, 1000)).await;
+    let day = beijing_date(h.emu.now_ms());
+    // START is 10:00 on the 22nd: at 09:59 on the 23rd the bill is not out, at 10:00 it is.
+    h.emu.advance(24 * HOUR_MS - 60_000).await;
+    assert_eq!(h.pay.download_bill(day).await, Err(BillError::NotReady));
+    h.emu.advance(60_000).await;
+    assert_eq!(h.pay.download_bill(day).await.unwrap().lines.len(), 1);
+});
+
+// Bug: an order whose creation never reached WeChat (HTTP 500 before anything happened, a
+// timeout in transit) answers ORDER_NOT_EXIST to the query and the close for ever, so its
+// payment stayed processing for ever. The trade bills of its days now confirm the close.
+bounded!(
+    a_lost_order_is_closed_once_the_trade_bills_of_its_days_are_out_and_do_not_list_it,
+    async {
+        let h = harness().await;
+        // START is 2026-11-22 10:00 Beijing; the orders expire at 10:30.
+        let lost = submit(PaymentMethod::WechatNative, 1000);
+        let no = lost.attempt_id.to_string();
+        h.emu.script(
+            &no,
+            Script {
+                server_errors: 1,
+                ..Script::default()
+            },
+        );
+        assert_eq!(h.pay.submit(&lost).await.outcome.label(), "unknown");
+        assert!(h.emu.order(&no).is_none(), "the emulator recorded it");
+        let why = unknown_reason(h.pay.query(&q(&lost)).await);
+        assert!(why.contains("ORDER_NOT_EXIST"), "{why}");
+        // Before its expiry, and just after it: no bill is out, so no close.
+        let why = unknown_reason(h.pay.close(&q(&lost)).await);
+        assert!(
+            why.contains("waiting for the trade bill of 2026-11-23"),
+            "{why}"
+        );
+        h.emu.advance(30 * 60_000).await;
+        assert_eq!(h.pay.close(&q(&lost)).await.label(), "unknown");
+        // The next morning the order's day is out but the day after its expiry is not.
+        h.emu.advance(24 * HOUR_MS).await;
+        let why = unknown_reason(h.pay.close(&q(&lost)).await);
+        assert!(why.contains("trade bill of 2026-11-23"), "{why}");
+        // At 10:00 on the 24th both are out and neither lists it: closed, definitely.
+        h.emu.advance(23 * HOUR_MS + 30 * 60_000).await;
+        assert_eq!(h.pay.close(&q(&lost)).await, ChannelOutcome::Closed);
+        assert!(h.emu.order(&no).is_none());
+        assert!(h.emu.ledger().iter().all(|l| l.out_trade_no != no));
+        // The query alone still says nothing: only the close reads the bills.
+        assert_eq!(h.pay.query(&q(&lost)).await.label(), "unknown");
+    }
+);
+
+bounded!(
+    an_order_the_query_does_not_find_but_a_bill_lists_as_paid_is_never_closed,
+    async {
+        let h = harness().await;
+        let paid = submit(PaymentMethod::WechatNative, 1000);
+        let no = paid.attempt_id.to_string();
+        h.emu.script(
+            &no,
+            Script {
+                not_found: true,
+                ..Script::default()
+            },
+        );
+        assert_eq!(h.pay.submit(&paid).await.outcome.label(), "processing");
+        h.emu.scan(&no).unwrap();
+        h.emu.flush().await;
+        assert_eq!(h.rx.count(), 0, "a notification was sent");
+        assert_eq!(h.pay.query(&q(&paid)).await.label(), "unknown");
+        // Two days later every bill of its days is out, and the first lists it as paid.
+        h.emu.advance(48 * HOUR_MS).await;
+        let why = unknown_reason(h.pay.close(&q(&paid)).await);
+        assert!(
+            why.contains("trade bill of 2026-11-22 lists the order as paid"),
+            "{why}"
+        );
+        // The reverse says the same "no such order": unknown too, never cancelled.
+        assert!(matches!(
+            h.pay.cancel(&q(&paid)).await,
+            CancelOutcome::Unknown { .. }
+        ));
+        assert_eq!(
+            h.emu.order(&no).map(|o| o.state),
+            Some(payrail_emulator::core::OrderState::Paid)
+        );
+    }
+);

@@ -9,7 +9,8 @@
 //! What the protocol does state definitely is the reconciliation file: every successful
 //! consume is in the file of its settlement date. So `close` reports `closed` only when the
 //! query finds no such transaction *and* the files of every settlement date the order could
-//! have been paid on (its day through the day after `payTimeout`) are out and none lists it.
+//! have been paid on (its day through the day after `payTimeout`) are out and none lists it
+//! (the walk over the files and their cache are shared with WeChat Pay: `crate::bills`).
 //!
 //! Limits: the UnionPay public key is configured directly (the `signPubKeyCert` chain in
 //! answers is not walked), and the signing key is a PEM key (convert the `.pfx` with
@@ -18,6 +19,7 @@
 mod bill;
 pub mod transformers;
 
+use crate::bills::PaidOrders;
 use crate::common::{self, compact_id, ConfigError, RsaSigner, RsaVerifier};
 use crate::*;
 use payrail_domain::Currency;
@@ -49,15 +51,11 @@ pub struct UnionPay {
     signer: RsaSigner,
     verifier: RsaVerifier,
     http: reqwest::Client,
-    /// Order ids of the successful consumes in each reconciliation file read so far (a file,
-    /// once out, never changes), so many lapsed orders of one day fetch it once.
-    settled: std::sync::Mutex<BTreeMap<Date, Arc<std::collections::HashSet<String>>>>,
+    /// The order ids in each reconciliation file read so far (a file, once out, never
+    /// changes), so many lapsed orders of one day fetch it once.
+    settled: PaidOrders,
 }
 
-/// Reconciliation dates whose consume order ids are kept in memory.
-const SETTLED_DATES_MAX: usize = 8;
-/// Most reconciliation files one close reads: a 7-day order spans 8 days, plus the day after.
-const CLOSE_FILE_DAYS_MAX: i64 = 10;
 /// How long after `payTimeout` a close may stay unconfirmed: the file of the day after the
 /// order's last day comes out the morning after that day (about 2 days 10 h at worst).
 pub const CLOSE_CONFIRM_DELAY_MS: i64 = 3 * 24 * 3600 * 1000;
@@ -104,7 +102,7 @@ impl UnionPay {
             signer,
             verifier,
             http,
-            settled: std::sync::Mutex::new(BTreeMap::new()),
+            settled: PaidOrders::new("unionpay", "reconciliation file"),
         })
     }
 
@@ -207,70 +205,6 @@ impl UnionPay {
             opt(a, "queryId"),
             paid_at,
         )
-    }
-
-    /// `Ok` only if every reconciliation file that could list a consume of `order_id` is out
-    /// and none does: settlement dates from the order's Beijing day through the day after its
-    /// `payTimeout` (a consume after 23:00 settles the next day). The last file first: until it
-    /// is out, the others are not worth fetching.
-    async fn confirm_never_paid(&self, order_id: &str, req: &QueryRequest) -> Result<(), String> {
-        let day = |ms: i64| common::beijing(ms).map(|d| d.date);
-        let (Some(first), Some(expiry)) = (day(req.submitted_at_ms), day(req.expires_at_ms)) else {
-            return Err("order times out of range".into());
-        };
-        let last = expiry.add_days(1).map_err(|e| e.to_string())?;
-        let span = last
-            .days_since_epoch()
-            .saturating_sub(first.days_since_epoch());
-        if !(0..CLOSE_FILE_DAYS_MAX).contains(&span) {
-            return Err(format!("order spans {span} days; check it by hand"));
-        }
-        let mut d = last;
-        loop {
-            let paid = self.settled_orders(d).await.map_err(|e| match e {
-                BillError::NotReady => format!(
-                    "an unpaid order lapses at its payTimeout; waiting for the reconciliation file of {d} to confirm it was never paid"
-                ),
-                other => format!("reconciliation file of {d}: {other}"),
-            })?;
-            if paid.contains(order_id) {
-                return Err(format!(
-                    "the reconciliation file of {d} lists the order as paid, but the query finds no such transaction"
-                ));
-            }
-            if d == first {
-                return Ok(());
-            }
-            d = d.add_days(-1).map_err(|e| e.to_string())?;
-        }
-    }
-
-    /// The order ids of the successful consumes in the reconciliation file of `date`.
-    async fn settled_orders(
-        &self,
-        date: Date,
-    ) -> Result<Arc<std::collections::HashSet<String>>, BillError> {
-        let lock = || match self.settled.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(hit) = lock().get(&date) {
-            return Ok(hit.clone());
-        }
-        let bill = self.download_bill(date).await?;
-        let ids: Arc<std::collections::HashSet<String>> = Arc::new(
-            bill.lines
-                .into_iter()
-                .filter(|l| l.kind == BillLineKind::Payment)
-                .map(|l| l.out_trade_no)
-                .collect(),
-        );
-        let mut cache = lock();
-        cache.insert(date, ids.clone());
-        while cache.len() > SETTLED_DATES_MAX {
-            cache.pop_first();
-        }
-        Ok(ids)
     }
 }
 
@@ -427,10 +361,13 @@ impl Connector for UnionPay {
                 )),
             };
         }
-        match self.confirm_never_paid(&order_id, req).await {
-            Ok(()) => ChannelOutcome::Closed,
-            Err(reason) => ChannelOutcome::unknown(format!("unionpay: {reason}")),
-        }
+        // Settlement dates from the order's day through the day after its payTimeout (a
+        // consume after 23:00 settles the next day): see `crate::bills`.
+        self.settled
+            .confirm_never_paid(&order_id, req.submitted_at_ms, req.expires_at_ms, |d| {
+                self.download_bill(d)
+            })
+            .await
     }
 
     async fn cancel(&self, req: &QueryRequest) -> CancelOutcome {

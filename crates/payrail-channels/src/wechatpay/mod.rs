@@ -4,11 +4,20 @@
 //! Every request is signed `WECHATPAY2-SHA256-RSA2048` with the merchant key; every answer
 //! (error answers too) must carry a valid platform signature, or it is treated as no answer
 //! (unknown). See docs/channels.md for the configuration and the status mapping.
+//!
+//! An order whose creation never reached WeChat (the submit timed out or failed in transit)
+//! answers `ORDER_NOT_EXIST` to the query and to the close for ever, and so would an order
+//! WeChat lost track of: "not found" is never a close by itself. The trade bill is definite:
+//! every paid order is in the bill of its payment day. So `close` reports `closed` for an
+//! order WeChat does not know only once the bills of its submission day (Beijing) through the
+//! day after its expiry are out and none lists it (`crate::bills`, shared with UnionPay); a
+//! bill that lists it is a contradiction left to a person.
 
 mod bill;
 pub mod crypto;
 pub mod transformers;
 
+use crate::bills::PaidOrders;
 use crate::common::{self, ConfigError, RsaSigner, RsaVerifier};
 use crate::*;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -46,7 +55,18 @@ pub struct WechatPay {
     verifier: RsaVerifier,
     api_v3_key: Secret<Vec<u8>>,
     http: reqwest::Client,
+    /// The order numbers in each trade bill read so far (a published bill never changes), so
+    /// many lost orders of one day fetch it once.
+    billed: PaidOrders,
 }
+
+/// WeChat builds day D's trade bill at 09:00 on D+1 and serves it from about 10:00 (Beijing).
+pub const BILL_OUT_AFTER_DAY_END_MS: i64 = 10 * 3600 * 1000;
+/// How long after expiry the close of an order WeChat does not know may stay unconfirmed: the
+/// bill of the day after the expiry day comes out at 10:00 the day after that, at worst 2 days
+/// 10 h after an expiry just past midnight; 2 h more for a bill that is late.
+pub const CLOSE_CONFIRM_DELAY_MS: i64 =
+    2 * 24 * 3600 * 1000 + BILL_OUT_AFTER_DAY_END_MS + 2 * 3600 * 1000;
 
 /// How far a notification's signed timestamp may be from our clock.
 pub const NOTIFY_WINDOW_MS: i64 = 5 * 60 * 1000;
@@ -84,6 +104,7 @@ impl WechatPay {
             verifier,
             api_v3_key: Secret::new(key),
             http,
+            billed: PaidOrders::new("wechatpay", "trade bill"),
         })
     }
 
@@ -212,6 +233,34 @@ impl WechatPay {
         t::map_trade_state(tx, paid_at)
     }
 
+    /// The order's status by query, and whether the answer was a signed "no such order".
+    async fn lookup(&self, req: &QueryRequest) -> (ChannelOutcome, bool) {
+        let path = format!(
+            "/v3/pay/transactions/out-trade-no/{}?mchid={}",
+            req.attempt_id, self.cfg.mchid
+        );
+        match self.call(reqwest::Method::GET, &path, None, true).await {
+            Err(reason) => (
+                ChannelOutcome::unknown(format!("wechatpay: {reason}")),
+                false,
+            ),
+            Ok(a) if a.status == 200 => match serde_json::from_slice::<t::Transaction>(&a.body) {
+                Ok(tx) => (self.transaction_outcome(&tx, &req.attempt_id), false),
+                Err(e) => (
+                    ChannelOutcome::unknown(format!("wechatpay: malformed answer: {e}")),
+                    false,
+                ),
+            },
+            Ok(a) => {
+                let (code, _) = Self::error_of(&a);
+                (
+                    t::map_query_error(a.status, &code),
+                    t::is_order_not_exist(a.status, &code),
+                )
+            }
+        }
+    }
+
     async fn query_refund_by_no(&self, out_refund_no: &str) -> RefundOutcome {
         let path = format!("/v3/refund/domestic/refunds/{out_refund_no}");
         match self.call(reqwest::Method::GET, &path, None, true).await {
@@ -276,7 +325,8 @@ impl Connector for WechatPay {
             cancel_window_ms: Some(7 * 24 * 3600 * 1000),
             refund_query_delay_ms: 0,
             bills: true,
-            close_confirm_delay_ms: 0,
+            // A close of an order WeChat does not know waits for the trade bills (`close`).
+            close_confirm_delay_ms: CLOSE_CONFIRM_DELAY_MS,
         }
     }
 
@@ -405,41 +455,47 @@ impl Connector for WechatPay {
     }
 
     async fn query(&self, req: &QueryRequest) -> ChannelOutcome {
-        let path = format!(
-            "/v3/pay/transactions/out-trade-no/{}?mchid={}",
-            req.attempt_id, self.cfg.mchid
-        );
-        match self.call(reqwest::Method::GET, &path, None, true).await {
-            Err(reason) => ChannelOutcome::unknown(format!("wechatpay: {reason}")),
-            Ok(a) if a.status == 200 => match serde_json::from_slice::<t::Transaction>(&a.body) {
-                Ok(tx) => self.transaction_outcome(&tx, &req.attempt_id),
-                Err(e) => ChannelOutcome::unknown(format!("wechatpay: malformed answer: {e}")),
-            },
-            Ok(a) => {
-                let (code, _) = Self::error_of(&a);
-                t::map_query_error(a.status, &code)
-            }
-        }
+        self.lookup(req).await.0
     }
 
+    /// Closes the order; a refused close is followed by a query and only a definite answer is
+    /// passed on. When both say WeChat has no such order, the trade bills decide (module
+    /// comment): `closed` once every bill that could list a payment is out and none does.
     async fn close(&self, req: &QueryRequest) -> ChannelOutcome {
         let path = format!("/v3/pay/transactions/out-trade-no/{}/close", req.attempt_id);
         let body = serde_json::json!({ "mchid": self.cfg.mchid }).to_string();
-        match self
+        let close_not_found = match self
             .call(reqwest::Method::POST, &path, Some(body), true)
             .await
         {
-            Ok(a) if a.status == 204 || a.status == 200 => ChannelOutcome::Closed,
-            // Refused (ORDERPAID, …) or no answer: the order's status is what a query says;
-            // only a definite answer is passed on.
-            _ => match self.query(req).await {
-                definite if definite.is_definite() => definite,
-                other => ChannelOutcome::unknown(format!(
-                    "wechatpay: close not confirmed ({})",
-                    other.label()
-                )),
-            },
+            Ok(a) if a.status == 204 || a.status == 200 => return ChannelOutcome::Closed,
+            Ok(a) => t::is_order_not_exist(a.status, &Self::error_of(&a).0),
+            Err(_) => false,
+        };
+        // Refused (ORDERPAID, ORDER_NOT_EXIST, …) or no answer: the order's status is what a
+        // query says.
+        let (outcome, query_not_found) = self.lookup(req).await;
+        if outcome.is_definite() {
+            return outcome;
         }
+        if close_not_found && query_not_found {
+            return self
+                .billed
+                .confirm_never_paid(
+                    &req.attempt_id.to_string(),
+                    req.submitted_at_ms,
+                    req.expires_at_ms,
+                    |d| self.download_bill(d),
+                )
+                .await;
+        }
+        ChannelOutcome::unknown(format!(
+            "wechatpay: close not confirmed ({})",
+            match &outcome {
+                ChannelOutcome::Unknown { reason } => reason.as_str(),
+                other => other.label(),
+            }
+        ))
     }
 
     async fn cancel(&self, req: &QueryRequest) -> CancelOutcome {

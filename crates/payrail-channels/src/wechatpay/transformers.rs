@@ -220,6 +220,12 @@ pub fn map_query_error(http_status: u16, code: &str) -> ChannelOutcome {
     ChannelOutcome::unknown(format!("wechatpay: HTTP {http_status} {code}"))
 }
 
+/// A signed 4xx answer saying WeChat has no such order (its creation never reached WeChat, or
+/// another merchant's number). Unknown by itself, never closed: see `WechatPay::close`.
+pub fn is_order_not_exist(http_status: u16, code: &str) -> bool {
+    (400..500).contains(&http_status) && (code == "ORDER_NOT_EXIST" || code == "ORDERNOTEXIST")
+}
+
 /// Codes of a reverse that are definite refusals.
 const REVERSE_FAILURES: &[&str] = &[
     "TRADE_ERROR",
@@ -373,6 +379,22 @@ mod tests {
             (401, "SIGN_ERROR"),
         ] {
             assert_eq!(map_query_error(status, code).label(), "unknown");
+        }
+    }
+
+    #[test]
+    fn only_a_4xx_order_not_exist_is_not_found() {
+        for (status, code, want) in [
+            (404, "ORDER_NOT_EXIST", true),
+            (404, "ORDERNOTEXIST", true),
+            (400, "ORDER_NOT_EXIST", true),
+            (500, "ORDER_NOT_EXIST", false), // a 5xx says nothing
+            (404, "RESOURCE_NOT_EXISTS", false),
+            (404, "", false),
+            (400, "ORDER_CLOSED", false),
+            (200, "ORDER_NOT_EXIST", false),
+        ] {
+            assert_eq!(is_order_not_exist(status, code), want, "{status} {code}");
         }
     }
 
